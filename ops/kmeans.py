@@ -1,0 +1,229 @@
+"""The k-means loop, written once against ``ops.dataset.ShardedData``.
+
+Lloyd's algorithm and mini-batch k-means share the state, the empty-cluster split, the
+stopping rule and the per-iteration record; they differ only in the update:
+
+* Lloyd: c_j = s_j / n_j from the statistics of a full pass.
+* Mini-batch (Sculley, "Web-scale k-means clustering", WWW 2010; scikit-learn's
+  ``_mini_batch_step``): with per-centroid weights w_j, each batch with counts b_j and
+  sums s_j moves c_j by the learning rate b_j / w_j, i.e. c_j <- c_j + (s_j - b_j c_j) / w_j.
+
+The dataset may be an in-memory matrix or a set of Ray actors; nothing here knows which.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ops.assign import normalize_rows
+from ops.dataset import ShardedData, StreamingData
+from ops.init import init_sample_size, resolve_init, seed_centroids
+from ops.stats import PartialStats
+
+ALGORITHMS = ("lloyd", "minibatch")
+
+# Relative size of the split perturbation, as in faiss's Clustering.cpp (1/1024).
+SPLIT_EPS = 1.0 / 1024
+
+
+@dataclass(frozen=True)
+class KMeansParams:
+    k: int
+    algorithm: str = "lloyd"
+    iterations: int = 20  # Lloyd iterations, or mini-batch epochs
+    tol: float = 1e-4  # stop once inertia improves by less than this fraction
+    seed: int = 0
+    spherical: bool = False
+    init: str = "auto"  # auto | kmeans++ | random
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+
+
+@dataclass
+class IterationRecord:
+    """One progress line: inertia is measured with the centroids the iteration started from."""
+
+    iteration: int
+    inertia: float
+    rel_change: float | None
+    seconds: float
+    n_split: int
+    rows: int
+    steps: int = 1
+
+    def line(self, total: int) -> str:
+        change = "      -" if self.rel_change is None else f"{-100 * self.rel_change:+7.3f}%"
+        steps = f"  steps {self.steps}" if self.steps > 1 else ""
+        return (
+            f"iter {self.iteration:>3}/{total}  inertia {self.inertia:.6e}  {change}"
+            f"  {self.seconds:6.2f} s  split {self.n_split}{steps}"
+        )
+
+
+@dataclass
+class KMeansState:
+    """Everything a resumed fit needs; see ``pipelines.checkpoint`` for its storage."""
+
+    centroids: np.ndarray  # (k, d) float32
+    iteration: int = 0  # iterations (or epochs) completed
+    weight_sums: np.ndarray | None = None  # (k,) float64, mini-batch only
+    history: list[IterationRecord] = field(default_factory=list)
+    converged: bool = False
+
+    def history_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.history]
+
+
+def rng_for(seed: int, *key: int) -> np.random.Generator:
+    """An independent generator per (seed, purpose, iteration): resuming replays nothing."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def split_empty_clusters(
+    centroids: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+) -> int:
+    """Replace each empty cluster by half of a large one, in place, as faiss does.
+
+    centroids (k, d) float32, weights (k,) counts or weight sums. A donor j is drawn with
+    probability proportional to max(w_j - 1, 0); the empty centroid and j move to
+    c_j + delta and c_j - delta and share its weight. Returns the number of splits.
+
+    faiss uses delta = +-EPS * c_j with a fixed sign pattern; those factors commute, so a
+    cluster split twice, (c (1 + EPS)) (1 - EPS) = (c (1 - EPS)) (1 + EPS), yields two
+    identical centroids. Here each split draws its own direction, and a floor moves zero
+    coordinates as well.
+    """
+    k, d = centroids.shape
+    empty = np.flatnonzero(weights == 0)
+    n_split = 0
+    while empty.size:
+        p = np.maximum(weights - 1.0, 0.0)
+        if p.sum() <= 0:
+            break  # every cluster holds at most one point: nothing left to split
+        donors = rng.choice(k, size=min(empty.size, int((p > 0).sum())), p=p / p.sum())
+        for ci, cj in zip(empty, donors, strict=False):  # donors may be fewer
+            c = centroids[cj].copy()
+            scale = np.maximum(np.abs(c), 1e-6 * (np.abs(c).max() + 1e-3))
+            delta = (SPLIT_EPS * rng.uniform(-1.0, 1.0, d) * scale).astype(np.float32)
+            centroids[ci] = c + delta
+            centroids[cj] = c - delta
+            weights[ci] = weights[cj] / 2 if weights.dtype.kind == "f" else weights[cj] // 2
+            weights[cj] -= weights[ci]
+            n_split += 1
+        empty = empty[len(donors) :]
+    return n_split
+
+
+def lloyd_update(
+    centroids: np.ndarray, stats: PartialStats, rng: np.random.Generator, spherical: bool
+) -> tuple[np.ndarray, int]:
+    """New centroids c_j = s_j / n_j, empty clusters split. Returns (centroids, n_split)."""
+    counts = stats.counts
+    new = centroids.copy()
+    filled = counts > 0
+    new[filled] = (stats.sums[filled] / counts[filled, None]).astype(np.float32)
+    n_split = split_empty_clusters(new, counts.copy(), rng)
+    if spherical:
+        new = normalize_rows(new)
+    return new, n_split
+
+
+def minibatch_update(
+    centroids: np.ndarray, weight_sums: np.ndarray, stats: PartialStats, spherical: bool
+) -> None:
+    """Sculley's step with per-centroid learning rates b_j / w_j, in place.
+
+    centroids (k, d) float32, weight_sums (k,) float64 (updated), stats of one batch.
+    """
+    b = stats.counts
+    hit = b > 0
+    weight_sums[hit] += b[hit]
+    w = weight_sums[hit, None]
+    c = centroids[hit].astype(np.float64)
+    updated = c + (stats.sums[hit] - b[hit, None] * c) / w
+    centroids[hit] = normalize_rows(updated) if spherical else updated.astype(np.float32)
+
+
+def init_state(
+    data: ShardedData, params: KMeansParams, init_centroids: np.ndarray | None = None
+) -> tuple[KMeansState, str]:
+    """Seed the fit from a sample of ``data`` (or given centroids). Returns (state, init)."""
+    if init_centroids is not None:
+        centroids, init = np.ascontiguousarray(init_centroids, dtype=np.float32), "given"
+        if params.spherical:
+            centroids = normalize_rows(centroids)
+    else:
+        init = resolve_init(params.init, params.k)
+        sample = data.sample(init_sample_size(init, params.k, data.count()), params.seed)
+        centroids = seed_centroids(sample, params.k, init, rng_for(params.seed, 0))
+    weights = np.zeros(params.k) if params.algorithm == "minibatch" else None
+    return KMeansState(centroids, weight_sums=weights), init
+
+
+def fit(
+    data: ShardedData,
+    params: KMeansParams,
+    state: KMeansState,
+    on_iteration: Callable[[KMeansState, IterationRecord], None] | None = None,
+) -> KMeansState:
+    """Run iterations ``state.iteration .. params.iterations - 1`` and return the state.
+
+    Stops early once inertia improves by less than ``params.tol`` (relative) in an
+    iteration that split no cluster. ``on_iteration`` runs after each one (progress,
+    checkpoint). Same data, seed and state give the same centroids (invariant 4).
+    """
+    if params.algorithm == "minibatch" and not isinstance(data, StreamingData):
+        raise TypeError("mini-batch k-means needs a dataset with start_epoch/next_batch_stats")
+    prev = state.history[-1].inertia if state.history else None
+    for it in range(state.iteration, params.iterations):
+        t0 = time.perf_counter()
+        rng = rng_for(params.seed, 1, it)
+        if params.algorithm == "lloyd":
+            stats = data.partial_stats(state.centroids)
+            state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
+            inertia, rows, steps = stats.inertia, stats.n, 1
+        else:
+            inertia, rows, steps, n_split = _minibatch_epoch(data, state, params, rng, it)
+        rel = None if not prev else (prev - inertia) / prev
+        record = IterationRecord(
+            it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps
+        )
+        state.history.append(record)
+        state.iteration = it + 1
+        prev = inertia
+        state.converged = rel is not None and n_split == 0 and rel < params.tol
+        if on_iteration is not None:
+            on_iteration(state, record)
+        if state.converged:
+            break
+    return state
+
+
+def _minibatch_epoch(
+    data: StreamingData,
+    state: KMeansState,
+    params: KMeansParams,
+    rng: np.random.Generator,
+    epoch: int,
+) -> tuple[float, int, int, int]:
+    """One pass in mini-batches. Inertia sums each batch's cost before its update."""
+    data.start_epoch(epoch)
+    inertia, rows, steps, n_split = 0.0, 0, 0, 0
+    while (stats := data.next_batch_stats(state.centroids)) is not None:
+        inertia += stats.inertia
+        rows += stats.n
+        steps += 1
+        minibatch_update(state.centroids, state.weight_sums, stats, params.spherical)
+        split = split_empty_clusters(state.centroids, state.weight_sums, rng)
+        if split and params.spherical:
+            state.centroids = normalize_rows(state.centroids)
+        n_split += split
+    if rows == 0:
+        raise RuntimeError(f"mini-batch epoch {epoch + 1} saw no rows")
+    return inertia, rows, steps, n_split

@@ -1,0 +1,102 @@
+"""Sufficient statistics of one k-means step: what a shard sends to the driver.
+
+A shard reduces its rows to per-centroid sums (k, d) and counts (k,), plus its inertia.
+These add across shards, so the driver never sees an embedding (DESIGN invariant 2).
+Sums accumulate in float64 whatever the storage dtype (invariant 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ops.assign import DEFAULT_CHUNK_ROWS, CentroidIndex, iter_chunks, squared_distances
+
+# Rows converted to float64 at a time before the scatter-add. The buffer stays in cache,
+# which makes an exact float64 accumulation cost about as much as a float32 one.
+_ACCUMULATE_ROWS = 8192
+
+
+@dataclass
+class PartialStats:
+    """sums (k, d) float64, counts (k,) int64, inertia: sum of squared distances."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+    inertia: float
+
+    @classmethod
+    def zeros(cls, k: int, d: int) -> PartialStats:
+        return cls(np.zeros((k, d), np.float64), np.zeros(k, np.int64), 0.0)
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    def __add__(self, other: PartialStats) -> PartialStats:
+        return PartialStats(
+            self.sums + other.sums, self.counts + other.counts, self.inertia + other.inertia
+        )
+
+
+def reduce_stats(parts: list[PartialStats]) -> PartialStats:
+    """Sum shard statistics, in a fixed order so the result does not depend on timing."""
+    if not parts:
+        raise ValueError("no statistics to reduce")
+    total = PartialStats(parts[0].sums.copy(), parts[0].counts.copy(), parts[0].inertia)
+    for p in parts[1:]:
+        total.sums += p.sums
+        total.counts += p.counts
+        total.inertia += p.inertia
+    return total
+
+
+@contextmanager
+def _torch_single_thread() -> Iterator[None]:
+    """torch's OpenMP pool spins after each call and slows faiss's pool by ~15% when the
+    two alternate (measured on 1M x 128, k = 1024); one thread adds in 0.05 s per 1M rows."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def accumulate_sums(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None:
+    """sums[labels[i]] += x[i] for every row, in float64, in place.
+
+    x (n, d) float32/float16, labels (n,) int64 in [0, k), sums (k, d) float64.
+    """
+    out = torch.from_numpy(sums)
+    lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    buf = torch.empty((min(_ACCUMULATE_ROWS, len(x)), x.shape[1]), dtype=torch.float64)
+    with _torch_single_thread():
+        for sl in iter_chunks(len(x), _ACCUMULATE_ROWS):
+            m = sl.stop - sl.start
+            buf[:m].copy_(torch.from_numpy(np.ascontiguousarray(x[sl])))
+            out.index_add_(0, lab[sl], buf[:m])
+
+
+def partial_stats(
+    x: np.ndarray,
+    index: CentroidIndex,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> PartialStats:
+    """Assign every row of x (n, d) to its nearest centroid and reduce to statistics.
+
+    Inertia is the float64 sum of squared L2 distances (for the ``ip`` metric, of unit
+    vectors: ``2 - 2 x.c``), so both metrics report the same objective.
+    """
+    stats = PartialStats.zeros(index.k, index.d)
+    for sl in iter_chunks(len(x), chunk_rows):
+        D, I = index.search(x[sl], 1, chunk_rows=chunk_rows)
+        labels = I[:, 0]
+        stats.counts += np.bincount(labels, minlength=index.k)
+        stats.inertia += float(squared_distances(D[:, 0], index.metric).sum(dtype=np.float64))
+        accumulate_sums(x[sl], labels, stats.sums)
+    return stats

@@ -1,0 +1,163 @@
+import faiss
+import numpy as np
+import pytest
+
+from ops.dataset import ArrayData
+from ops.kmeans import (
+    KMeansParams,
+    KMeansState,
+    fit,
+    init_state,
+    minibatch_update,
+    split_empty_clusters,
+)
+from ops.stats import PartialStats
+from tests.conftest import gaussian_mixture
+
+
+def faiss_kmeans(x, k, niter, init=None, spherical=False, seed=1):
+    # Subsampling off: faiss.Kmeans would otherwise use only k * 256 points.
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        max_points_per_centroid=len(x),
+    )
+    km.train(x, init_centroids=init)
+    return km
+
+
+def run(x, **kw):
+    params = KMeansParams(**kw)
+    data = ArrayData(x, "ip" if params.spherical else "l2")
+    state, _ = init_state(data, params)
+    return fit(data, params, state), state
+
+
+def test_lloyd_matches_faiss_from_same_init(mixture):
+    x, _ = mixture
+    params = KMeansParams(k=64, iterations=8, tol=0, init="random", seed=3)
+    data = ArrayData(x)
+    state, _ = init_state(data, params)
+    km = faiss_kmeans(x, 64, 8, init=state.centroids.copy())
+    state = fit(data, params, state)
+    ours = [r.inertia for r in state.history]
+    # Same objective at every iteration, to float rounding.
+    np.testing.assert_allclose(ours, km.obj, rtol=1e-3)
+    np.testing.assert_allclose(state.centroids, km.centroids, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lloyd_objective_within_one_percent_of_faiss(mixture, seed):
+    x, _ = mixture
+    state, _ = run(x, k=64, iterations=15, tol=0, seed=seed)
+    km = faiss_kmeans(x, 64, 15, seed=seed)
+    D, _ = faiss.knn(x, state.centroids, 1)
+    D_ref, _ = faiss.knn(x, km.centroids, 1)
+    assert D.sum() <= 1.01 * D_ref.sum()
+
+
+def test_empty_clusters_are_split_and_centroids_distinct():
+    # faiss's test_redo-style trap: most points are copies of one point, so seeding and
+    # assignment collapse clusters onto it and the split path must run.
+    rng = np.random.default_rng(0)
+    x = np.vstack([np.tile([[1.0, 2.0, 3.0, 4.0]], (2000, 1)), rng.standard_normal((20, 4))])
+    params = KMeansParams(k=16, iterations=5, tol=0, init="random", seed=0)
+    data = ArrayData(x.astype(np.float32))
+    state, _ = init_state(data, params)
+    state.centroids[:] = x[0]  # every centroid on the repeated point
+    state = fit(data, params, state)
+    assert sum(r.n_split for r in state.history) >= 15
+    assert len(np.unique(state.centroids, axis=0)) == 16
+
+
+def test_split_moves_a_zero_centroid_too():
+    c = np.zeros((3, 4), np.float32)
+    counts = np.array([10, 0, 0])
+    n = split_empty_clusters(c, counts, np.random.default_rng(0))
+    assert n == 2 and len(np.unique(c, axis=0)) == 3
+    assert counts.sum() == 10 and (counts > 0).all()
+
+
+def test_split_gives_up_when_nothing_to_split():
+    c = np.eye(3, dtype=np.float32)
+    counts = np.array([1, 0, 1])
+    assert split_empty_clusters(c, counts, np.random.default_rng(0)) == 0
+
+
+def test_same_seed_same_centroids(mixture):
+    x, _ = mixture
+    a, _ = run(x, k=32, iterations=4, seed=7)
+    b, _ = run(x, k=32, iterations=4, seed=7)
+    c, _ = run(x, k=32, iterations=4, seed=8)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert not np.array_equal(a.centroids, c.centroids)
+
+
+def test_tolerance_stops_early(mixture):
+    x, _ = mixture
+    state, _ = run(x, k=8, iterations=200, tol=1e-3, seed=0)
+    assert state.converged and state.iteration < 200
+    assert state.history[-1].rel_change < 1e-3
+
+
+def test_resume_equals_uninterrupted(mixture):
+    x, _ = mixture
+    params = KMeansParams(k=16, iterations=6, tol=0, seed=2)
+    data = ArrayData(x)
+    full = fit(data, params, init_state(data, params)[0])
+    first = fit(data, KMeansParams(k=16, iterations=3, tol=0, seed=2), init_state(data, params)[0])
+    resumed = KMeansState(first.centroids.copy(), first.iteration, history=list(first.history))
+    resumed = fit(data, params, resumed)
+    np.testing.assert_array_equal(resumed.centroids, full.centroids)
+
+
+def test_minibatch_step_is_sculley_update():
+    c = np.array([[0.0, 0.0], [10.0, 10.0]], np.float32)
+    w = np.array([3.0, 0.0])
+    stats = PartialStats(np.array([[2.0, 4.0], [0.0, 0.0]]), np.array([1, 0]), 0.0)
+    minibatch_update(c, w, stats, spherical=False)
+    # w0: 3 -> 4; c0 += (s0 - b0 c0) / w0 = [2, 4] / 4.
+    np.testing.assert_allclose(c, [[0.5, 1.0], [10.0, 10.0]])
+    np.testing.assert_array_equal(w, [4.0, 0.0])
+
+
+def test_minibatch_close_to_lloyd():
+    x, _ = gaussian_mixture(40_000, 16, 30, seed=4)
+    lloyd, _ = run(x, k=30, iterations=20, seed=0)
+    params = KMeansParams(k=30, algorithm="minibatch", iterations=3, seed=0, tol=0)
+    data = ArrayData(x, batch_rows=2048, seed=0)
+    state = fit(data, params, init_state(data, params)[0])
+    assert state.history[-1].steps == 20
+    final = ArrayData(x).partial_stats(state.centroids).inertia
+    reference = ArrayData(x).partial_stats(lloyd.centroids).inertia
+    assert final <= 1.02 * reference
+
+
+def test_minibatch_needs_streaming_data(mixture):
+    class OnlyLloyd:
+        def __init__(self, x):
+            self.inner = ArrayData(x)
+
+        def __getattr__(self, name):
+            if name in ("start_epoch", "next_batch_stats"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    params = KMeansParams(k=4, algorithm="minibatch")
+    data = OnlyLloyd(mixture[0])
+    with pytest.raises(TypeError, match="mini-batch"):
+        fit(data, params, KMeansState(mixture[0][:4].copy(), weight_sums=np.zeros(4)))
+
+
+def test_spherical_matches_faiss_spherical():
+    x, _ = gaussian_mixture(20_000, 16, 20, seed=5)
+    state, _ = run(x, k=20, iterations=10, tol=0, spherical=True, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(state.centroids, axis=1), 1.0, rtol=1e-5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    km = faiss_kmeans(xn, 20, 10, spherical=True)
+    ours = faiss.knn(xn, state.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].sum()
+    ref = faiss.knn(xn, km.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].sum()
+    assert ours >= 0.99 * ref  # similarity: larger is better
