@@ -34,5 +34,7 @@ def test_resolve_init():
     assert resolve_init("auto", 100_000) == "random"
     assert init_sample_size("random", 8, 1000) == 8
     assert init_sample_size("kmeans++", 8, 100) == 100
+    assert init_sample_size("kmeans++", 32, 10**9) == 2**24 // 32  # small k: work budget
+    assert init_sample_size("kmeans++", 2048, 10**9) == 16 * 2048  # large k: 16 per centroid
     with pytest.raises(ValueError):
         resolve_init("bogus", 3)

@@ -12,7 +12,7 @@ from ops.kmeans import (
     split_empty_clusters,
 )
 from ops.stats import PartialStats
-from tests.conftest import gaussian_mixture
+from pipelines.demo import mixture
 
 
 def faiss_kmeans(x, k, niter, init=None, spherical=False, seed=1):
@@ -36,8 +36,8 @@ def run(x, **kw):
     return fit(data, params, state), state
 
 
-def test_lloyd_matches_faiss_from_same_init(mixture):
-    x, _ = mixture
+def test_lloyd_matches_faiss_from_same_init(mixture_data):
+    x, _ = mixture_data
     params = KMeansParams(k=64, iterations=8, tol=0, init="random", seed=3)
     data = ArrayData(x)
     state, _ = init_state(data, params)
@@ -50,8 +50,8 @@ def test_lloyd_matches_faiss_from_same_init(mixture):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_lloyd_objective_within_one_percent_of_faiss(mixture, seed):
-    x, _ = mixture
+def test_lloyd_objective_within_one_percent_of_faiss(mixture_data, seed):
+    x, _ = mixture_data
     state, _ = run(x, k=64, iterations=15, tol=0, seed=seed)
     km = faiss_kmeans(x, 64, 15, seed=seed)
     D, _ = faiss.knn(x, state.centroids, 1)
@@ -87,8 +87,8 @@ def test_split_gives_up_when_nothing_to_split():
     assert split_empty_clusters(c, counts, np.random.default_rng(0)) == 0
 
 
-def test_same_seed_same_centroids(mixture):
-    x, _ = mixture
+def test_same_seed_same_centroids(mixture_data):
+    x, _ = mixture_data
     a, _ = run(x, k=32, iterations=4, seed=7)
     b, _ = run(x, k=32, iterations=4, seed=7)
     c, _ = run(x, k=32, iterations=4, seed=8)
@@ -96,15 +96,15 @@ def test_same_seed_same_centroids(mixture):
     assert not np.array_equal(a.centroids, c.centroids)
 
 
-def test_tolerance_stops_early(mixture):
-    x, _ = mixture
+def test_tolerance_stops_early(mixture_data):
+    x, _ = mixture_data
     state, _ = run(x, k=8, iterations=200, tol=1e-3, seed=0)
     assert state.converged and state.iteration < 200
     assert state.history[-1].rel_change < 1e-3
 
 
-def test_resume_equals_uninterrupted(mixture):
-    x, _ = mixture
+def test_resume_equals_uninterrupted(mixture_data):
+    x, _ = mixture_data
     params = KMeansParams(k=16, iterations=6, tol=0, seed=2)
     data = ArrayData(x)
     full = fit(data, params, init_state(data, params)[0])
@@ -125,7 +125,7 @@ def test_minibatch_step_is_sculley_update():
 
 
 def test_minibatch_close_to_lloyd():
-    x, _ = gaussian_mixture(40_000, 16, 30, seed=4)
+    x, _ = mixture(40_000, 16, 30, seed=4)
     lloyd, _ = run(x, k=30, iterations=20, seed=0)
     params = KMeansParams(k=30, algorithm="minibatch", iterations=3, seed=0, tol=0)
     data = ArrayData(x, batch_rows=2048, seed=0)
@@ -136,7 +136,7 @@ def test_minibatch_close_to_lloyd():
     assert final <= 1.02 * reference
 
 
-def test_minibatch_needs_streaming_data(mixture):
+def test_minibatch_needs_streaming_data(mixture_data):
     class OnlyLloyd:
         def __init__(self, x):
             self.inner = ArrayData(x)
@@ -147,13 +147,13 @@ def test_minibatch_needs_streaming_data(mixture):
             return getattr(self.inner, name)
 
     params = KMeansParams(k=4, algorithm="minibatch")
-    data = OnlyLloyd(mixture[0])
+    data = OnlyLloyd(mixture_data[0])
     with pytest.raises(TypeError, match="mini-batch"):
-        fit(data, params, KMeansState(mixture[0][:4].copy(), weight_sums=np.zeros(4)))
+        fit(data, params, KMeansState(mixture_data[0][:4].copy(), weight_sums=np.zeros(4)))
 
 
 def test_spherical_matches_faiss_spherical():
-    x, _ = gaussian_mixture(20_000, 16, 20, seed=5)
+    x, _ = mixture(20_000, 16, 20, seed=5)
     state, _ = run(x, k=20, iterations=10, tol=0, spherical=True, seed=1)
     np.testing.assert_allclose(np.linalg.norm(state.centroids, axis=1), 1.0, rtol=1e-5)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,0 +1,130 @@
+"""The ``pseudolabel`` command line.
+
+    pseudolabel run --input URL --output URL --k K [flags]    (flags: pseudolabel run --help)
+    pseudolabel demo                                          (a small end-to-end job)
+
+Every ``run`` flag is a RunConfig field; ``--config FILE`` supplies any of them as YAML
+keys, and flags given on the command line win. Works the same as
+``ray job submit --working-dir . -- python -m pipelines.cli run ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipelines import config as cfg
+from pipelines.errors import PseudolabelError
+
+log = logging.getLogger("pseudolabel")
+
+
+def _flag_type(annotation: str):
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "dict": json.loads}[base]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of settings (e.g. cluster_configs/local.yaml)")
+    for f in cfg.fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        kwargs = {"type": _flag_type(f.type), "default": None, "help": help_text}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        elif f.type.startswith(("int", "float")):
+            kwargs["metavar"] = "N" if f.type.startswith("int") else "X"
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> cfg.RunConfig:
+    values = cfg.load_yaml(args.config) if args.config else {}
+    overrides = {f.name: getattr(args, f.name) for f in cfg.fields()}
+    return cfg.build(values, **overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.run import run
+    from pipelines.summary import text_summary
+
+    config = config_from_args(args)
+    manifest = run(config)
+    print(text_summary(manifest, config.output), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    run_demo(
+        args.dir, rows=args.rows, dim=args.dim, k=args.k, shards=args.shards, workers=args.workers
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pseudolabel",
+        description="Cluster sharded embeddings on Ray and write pseudo-labels.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fit k-means on the input and label every row")
+    add_config_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="generate a small sharded dataset and run the whole job")
+    demo.add_argument("--dir", default="demo_output", help="where to write input and output")
+    demo.add_argument("--rows", type=int, default=100_000)
+    demo.add_argument("--dim", type=int, default=64)
+    demo.add_argument("--k", type=int, default=32)
+    demo.add_argument("--shards", type=int, default=8)
+    demo.add_argument("--workers", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except Exception as e:
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        print(f"pseudolabel: error: {cause}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _user_error(e: BaseException) -> PseudolabelError | None:
+    """The PseudolabelError behind ``e``, unwrapping Ray's task errors."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, PseudolabelError) and not hasattr(e, "cause"):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Joining or starting Ray, and sizing the actor pools from what the cluster offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+
+from pipelines.config import RunConfig
+
+log = logging.getLogger("pseudolabel")
+
+READ_CPUS = 1.0  # kept free for Ray Data's read tasks next to CPU actor pools
+
+
+@contextmanager
+def ray_session(config: RunConfig) -> Iterator[dict[str, float]]:
+    """Use the running Ray, else join ``--ray-address`` / RAY_ADDRESS (as under
+    ``ray job submit``), else start an embedded local Ray for the length of the run."""
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"logging_level": logging.WARNING}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=config.ray_num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    try:
+        resources = ray.cluster_resources()
+        log.info(
+            "ray: %s, %g CPUs, %g GPUs",
+            f"joined {address}" if address else "embedded local instance",
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+        )
+        yield resources
+    finally:
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class Sizing:
+    workers: int
+    label_workers: int
+    device: str
+
+
+def size_pools(config: RunConfig, resources: dict[str, float]) -> Sizing:
+    """Workers default to one per CPU (or GPU slot). Where Ray Data reads alongside the
+    actors (the label pass, the mini-batch stream), one whole CPU stays free for its read
+    tasks, which ask for one CPU each: actors holding the rest would starve them and the
+    pass would never finish. A cluster that scales from zero shows no GPUs yet: pass
+    --workers."""
+    cpus = resources.get("CPU", 1)
+    if config.gpus_per_worker > 0:
+        slots = int(resources.get("GPU", 0) // config.gpus_per_worker)
+        streamed = slots
+    else:
+        slots = int(cpus // config.cpus_per_worker)
+        streamed = int(max(cpus - READ_CPUS, 0) // config.cpus_per_worker)
+    default_workers = streamed if config.algorithm == "minibatch" else slots
+    return Sizing(
+        workers=config.workers or max(1, default_workers),
+        label_workers=config.label_workers or max(1, streamed),
+        device="cuda" if config.gpus_per_worker > 0 else "cpu",
+    )

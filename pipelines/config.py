@@ -1,0 +1,159 @@
+"""Run settings: one dataclass, filled from defaults, then a YAML file, then flags.
+
+Each field is a YAML key and a flag (``cpus_per_worker`` <-> ``--cpus-per-worker``) with
+the help text in its metadata, so ``--help``, ``cluster_configs/local.yaml`` and the code
+cannot drift apart. Validation happens here, at the edge (DESIGN invariant 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ops.kmeans import ALGORITHMS
+from pipelines.errors import ConfigError
+from pipelines.reader import BAD_ROW_POLICIES
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its help text (and, for the CLI, ``choices`` or ``json``)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    # What to cluster and where to write.
+    input: str = _opt(
+        "", "input folder or URL of .parquet or .npy shards", required=True, metavar="URL"
+    )
+    output: str = _opt(
+        "", "output folder or URL (labels/, centroids.npy, ...)", required=True, metavar="URL"
+    )
+    k: int = _opt(0, "number of clusters", required=True, metavar="K")
+    id_column: str | None = _opt("id", "parquet id column; empty: use global row numbers")
+    embedding_column: str = _opt("embedding", "parquet embedding column")
+    truth_column: str | None = _opt(
+        None, "ground-truth column: copied into the labels, scored with NMI/ARI/accuracy"
+    )
+    # The algorithm.
+    algorithm: str = _opt(
+        "lloyd", "lloyd (full passes) or minibatch (streamed)", choices=ALGORITHMS
+    )
+    iterations: int = _opt(20, "Lloyd iterations, or mini-batch epochs (at most)", metavar="N")
+    tol: float = _opt(1e-4, "stop once inertia improves by less than this fraction")
+    init: str = _opt(
+        "auto", "seeding: auto, kmeans++ or random", choices=("auto", "kmeans++", "random")
+    )
+    seed: int = _opt(0, "random seed (same seed, data and workers: same result)", metavar="S")
+    spherical: bool = _opt(False, "cosine k-means: unit-normalise rows and centroids")
+    topk: int = _opt(0, "also write the M nearest labels and distances per row", metavar="M")
+    batch_rows: int = _opt(16384, "mini-batch rows per worker per step")
+    dtype: str = _opt(
+        "auto",
+        "rows in worker memory: auto, float32 or float16",
+        choices=("auto", "float32", "float16"),
+    )
+    on_bad_rows: str = _opt(
+        "error", "NaN/null/short rows: error, or skip and count them", choices=BAD_ROW_POLICIES
+    )
+    # Resources.
+    workers: int | None = _opt(
+        None, "ShardWorker actors; default: one per CPU (or GPU)", metavar="W"
+    )
+    cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker and per labeler")
+    gpus_per_worker: float = _opt(
+        0.0, "GPUs per worker and per labeler (0: CPU faiss)", metavar="G"
+    )
+    label_workers: int | None = _opt(None, "labeler actors; default: CPUs minus one for reads")
+    label_batch_rows: int = _opt(16384, "rows per label batch")
+    max_restarts: int = _opt(3, "times a lost worker actor is rebuilt before the run fails")
+    startup_timeout: float = _opt(600.0, "seconds to wait for workers to start before failing")
+    # Ray and storage.
+    ray_address: str | None = _opt(
+        None,
+        "Ray cluster to join (auto, ray://...); default: RAY_ADDRESS, else an embedded local Ray",
+    )
+    ray_num_cpus: int | None = _opt(None, "CPUs of the embedded local Ray; default: all")
+    storage_options: dict = field(
+        default_factory=dict,
+        repr=False,  # may hold credentials
+        metadata={"help": 'fsspec options as JSON, e.g. {"endpoint_url": ...}', "json": True},
+    )
+    overwrite: bool = _opt(False, "recompute a run whose output already has _SUCCESS")
+
+    def validate(self) -> RunConfig:
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        _require(self.k >= 1, f"--k must be at least 1, got {self.k}")
+        _require(self.iterations >= 1, f"--iterations must be at least 1, got {self.iterations}")
+        _require(self.tol >= 0, f"--tol must be >= 0, got {self.tol}")
+        _require(self.topk >= 0, f"--topk must be >= 0, got {self.topk}")
+        _require(self.topk <= self.k, f"--topk {self.topk} exceeds --k {self.k}")
+        _require(self.batch_rows >= 1, f"--batch-rows must be >= 1, got {self.batch_rows}")
+        _require(self.label_batch_rows >= 1, "--label-batch-rows must be >= 1")
+        _require(self.workers is None or self.workers >= 1, "--workers must be at least 1")
+        _require(
+            self.label_workers is None or self.label_workers >= 1,
+            "--label-workers must be at least 1",
+        )
+        _require(self.cpus_per_worker > 0, "--cpus-per-worker must be > 0")
+        _require(self.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0")
+        _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
+        _require(self.startup_timeout > 0, "--startup-timeout must be > 0")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options must be a mapping")
+        if self.id_column == "":
+            self.id_column = None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved settings for the manifest; storage option values are redacted."""
+        out = dataclasses.asdict(self)
+        out["storage_options"] = {k: "<redacted>" for k in self.storage_options}
+        return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(RunConfig))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML mapping whose keys are RunConfig fields."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    known = {f.name for f in fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {unknown}")
+    return values
+
+
+def build(yaml_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Defaults <- YAML <- overrides (None means "not given")."""
+    values = dict(yaml_values or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**values).validate()
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,113 @@
+"""The fit stage: start ShardWorkers, seed, run ``ops.kmeans.fit``, checkpoint each step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ops.kmeans import KMeansParams, KMeansState, fit, init_state
+from pipelines.config import RunConfig
+from pipelines.output import Checkpoints
+from pipelines.reader import Plan, ReadSettings
+from pipelines.shards import RayShardedData, RayStreamingData, WorkerSpec
+
+log = logging.getLogger("pseudolabel")
+
+
+@dataclass
+class FitResult:
+    state: KMeansState
+    init: str
+    resumed_from: int | None
+    workers: int
+    nodes: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def params_of(config: RunConfig) -> KMeansParams:
+    return KMeansParams(
+        k=config.k,
+        algorithm=config.algorithm,
+        iterations=config.iterations,
+        tol=config.tol,
+        seed=config.seed,
+        spherical=config.spherical,
+        init=config.init,
+    )
+
+
+def fingerprint(config: RunConfig, plan: Plan) -> dict:
+    """What must match for a checkpoint to be resumed (the worker count need not)."""
+    return {
+        "input": plan.input_url,
+        "rows": plan.total_rows,
+        "dim": plan.dim,
+        "k": config.k,
+        "algorithm": config.algorithm,
+        "seed": config.seed,
+        "spherical": config.spherical,
+        "init": config.init,
+    }
+
+
+def run_fit(
+    config: RunConfig,
+    plan: Plan,
+    settings: ReadSettings,
+    spec: WorkerSpec,
+    workers: int,
+    checkpoints: Checkpoints,
+) -> FitResult:
+    params = params_of(config)
+    state = checkpoints.latest()
+    resumed_from = state.iteration if state else None
+    if state and (state.converged or state.iteration >= params.iterations):
+        log.info("fit: complete in checkpoint at iteration %d; not refitting", state.iteration)
+        return FitResult(state, "checkpoint", resumed_from, 0, 0)
+
+    t0 = time.perf_counter()
+    if config.algorithm == "minibatch":
+        data = RayStreamingData(plan, settings, spec, workers, config.seed)
+    else:
+        data = RayShardedData(plan, settings, spec, workers)
+    seconds = {"load": time.perf_counter() - t0}
+    nodes = len({i["node"] for i in data.infos})
+    if data.infos:
+        log.info(
+            "fit: %d %s workers on %d node(s) loaded %d rows in %.1f s",
+            len(data.actors),
+            spec.device,
+            nodes,
+            data.count(),
+            seconds["load"],
+        )
+    else:
+        log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), spec.device)
+    try:
+        t0 = time.perf_counter()
+        if state is None:
+            state, init = init_state(data, params)
+            log.info("fit: %s seeding of k=%d in %.1f s", init, config.k, time.perf_counter() - t0)
+        else:
+            init = "checkpoint"
+            log.info("fit: resuming from iteration %d", state.iteration)
+        seconds["init"] = time.perf_counter() - t0
+
+        def on_iteration(s: KMeansState, record) -> None:
+            log.info("fit: %s", record.line(params.iterations))
+            t = time.perf_counter()
+            checkpoints.save(s)
+            seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        fit(data, params, state, on_iteration)
+        seconds["iterations"] = time.perf_counter() - t0
+        if state.converged:
+            log.info("fit: converged (inertia change below --tol %g)", config.tol)
+        return FitResult(
+            state, init, resumed_from, len(data.actors), nodes, dict(data.skipped), seconds
+        )
+    finally:
+        data.shutdown()

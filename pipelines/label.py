@@ -1,0 +1,161 @@
+"""The label pass: one streaming Ray Data pass from shards to labelled parquet.
+
+read (EmbeddingDatasource) -> map_batches(Labeler actor pool) -> write_parquet(staging).
+Each Labeler loads the centroids once; every row gets ``label`` and ``distance`` (squared
+L2; for spherical runs the squared distance between unit vectors, 2 - 2 cos), and with
+``topk`` the M nearest labels and distances. The staged files are then read back by Ray
+tasks that return counts only, to verify the pass and size the clusters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from ops.assign import CentroidIndex, normalize_rows, squared_distances
+from pipelines.datasource import embedding_dataset
+from pipelines.output import load_npy
+from pipelines.reader import Plan, ReadSettings
+from pipelines.storage import Location, resolve
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    metric: str
+    topk: int
+    id_type: str
+    truth_column: str | None = None
+    device: str = "cpu"
+
+
+class Labeler:
+    """A map_batches actor that loads the centroids once, from storage.
+
+    Reading ``centroids.npy`` (rather than taking an ObjectRef) means an actor that Ray
+    restarts rebuilds from storage alone, even after the driver's objects are gone.
+    """
+
+    def __init__(self, centroids_url: str, storage_options: dict, spec: LabelSpec):
+        centroids = load_npy(resolve(centroids_url, storage_options))
+        self.spec = spec
+        self.index = CentroidIndex(centroids, spec.metric, spec.device)
+        self.id_type = _arrow_type(spec.id_type)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        x = batch["embedding"]
+        if self.spec.metric == "ip":
+            x = normalize_rows(x)
+        D, I = self.index.search(x, max(1, self.spec.topk))
+        dist = squared_distances(D, self.spec.metric).astype(np.float32)
+        columns = {
+            "id": pa.array(batch["id"]).cast(self.id_type),
+            "label": pa.array(I[:, 0].astype(np.int32)),
+            "distance": pa.array(dist[:, 0]),
+        }
+        if self.spec.topk:
+            columns["topk_labels"] = _fixed_lists(I.astype(np.int32))
+            columns["topk_distances"] = _fixed_lists(dist)
+        if self.spec.truth_column:
+            columns[self.spec.truth_column] = pa.array(batch[self.spec.truth_column])
+        return pa.table(columns)
+
+
+def _fixed_lists(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])
+
+
+def _arrow_type(name: str) -> pa.DataType:
+    return {"string": pa.string(), "large_string": pa.string()}.get(name) or pa.type_for_alias(name)
+
+
+@dataclass(frozen=True)
+class LabelPool:
+    size: int
+    num_cpus: float
+    num_gpus: float
+    batch_rows: int
+
+
+def label_pass(
+    plan: Plan,
+    settings: ReadSettings,
+    centroids: Location,
+    spec: LabelSpec,
+    pool: LabelPool,
+    staging: Location,
+) -> None:
+    """Label every input row into parquet files under ``staging``."""
+    dataset = embedding_dataset(plan, settings)
+    labelled = dataset.map_batches(
+        Labeler,
+        fn_constructor_kwargs={
+            "centroids_url": centroids.url,
+            "storage_options": settings.storage_options,
+            "spec": spec,
+        },
+        batch_size=pool.batch_rows,
+        batch_format="numpy",
+        # min_size = max_size: an autoscaling GPU pool can otherwise stay at one actor
+        # (ray#59144).
+        compute=ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+    )
+    labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
+
+
+@dataclass
+class LabelCounts:
+    rows: int
+    sizes: np.ndarray  # (k,) rows per label
+    contingency: dict[tuple[int, object], int]  # (label, truth) -> rows, with a truth column
+    distance_sum: float = 0.0  # the objective of the final centroids over the labelled rows
+
+    def truth_table(self) -> np.ndarray:
+        """(k, C) counts of rows per (label, truth class), classes in sorted order."""
+        classes = sorted({t for _, t in self.contingency}, key=str)
+        column = {t: j for j, t in enumerate(classes)}
+        table = np.zeros((len(self.sizes), len(classes)), np.int64)
+        for (label, truth), count in self.contingency.items():
+            table[label, column[truth]] += count
+        return table
+
+
+def count_labels(
+    files: list[Location], k: int, column: str = "label", truth_column: str | None = None
+) -> LabelCounts:
+    """Counts per label (and per label x truth pair) over the written label files.
+
+    Reads only the small columns (4 bytes per row each), in driver threads: starting Ray
+    workers for this cost more than the reading (5.7 s against 0.02 s, 100k rows).
+    """
+    total = LabelCounts(0, np.zeros(k, np.int64), Counter())
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        parts = pool.map(lambda f: _count_file(f, k, column, truth_column), files)
+    for rows, sizes, pairs, distance in parts:
+        total.rows += rows
+        total.sizes += sizes
+        total.contingency.update(pairs)
+        total.distance_sum += distance
+    total.contingency = dict(total.contingency)
+    return total
+
+
+def _count_file(loc: Location, k: int, column: str, truth_column: str | None):
+    columns = [column, "distance"] + ([truth_column] if truth_column else [])
+    with loc.open() as f:
+        table = pq.read_table(f, columns=columns)
+    labels = table.column(column).to_numpy()
+    pairs: Counter = Counter()
+    if truth_column:
+        truths = table.column(truth_column).to_pylist()
+        pairs.update(zip(labels.tolist(), truths, strict=True))
+    distance = float(table.column("distance").to_numpy().sum(dtype=np.float64))
+    return len(labels), np.bincount(labels, minlength=k), pairs, distance

@@ -1,0 +1,163 @@
+"""The output layout under ``--output``, and the order in which it becomes visible.
+
+    labels/*.parquet   published by moving files out of _staging/<attempt>/
+    centroids.npy      (k, d) float32, no pickle
+    manifest.json
+    _SUCCESS           written last: nothing is done before it exists (invariant 5)
+    _checkpoints/      iteration state for resuming; kept after success
+
+A rerun without ``_SUCCESS`` discards labels/ and _staging/ (never half of them is
+trusted) and resumes the fit from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ops.kmeans import IterationRecord, KMeansState
+from pipelines.errors import ConfigError, InputError
+from pipelines.storage import Location
+
+log = logging.getLogger("pseudolabel")
+
+LABELS, STAGING, CHECKPOINTS = "labels", "_staging", "_checkpoints"
+CENTROIDS, MANIFEST, SUCCESS = "centroids.npy", "manifest.json", "_SUCCESS"
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(loc: Location) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(loc.read_bytes()), allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{loc.url} does not exist") from None
+    except ValueError as e:
+        raise InputError(f"{loc.url} is not a numeric .npy array ({e})") from None
+
+
+class RunOutput:
+    def __init__(self, root: Location):
+        self.root = root
+
+    @property
+    def labels(self) -> Location:
+        return self.root.join(LABELS)
+
+    def committed(self) -> bool:
+        return self.root.join(SUCCESS).exists()
+
+    def clear(self) -> None:
+        """Remove a previous run entirely, _SUCCESS first, so no stale marker survives."""
+        self.root.join(SUCCESS).remove()
+        for name in (MANIFEST, CENTROIDS, LABELS, STAGING, CHECKPOINTS):
+            self.root.join(name).remove()
+
+    def new_staging(self) -> Location:
+        """A fresh staging prefix; leftovers of earlier attempts are removed first."""
+        self.root.join(STAGING).remove()
+        return self.root.join(STAGING, uuid.uuid4().hex)
+
+    def publish(self, staging: Location) -> list[Location]:
+        """Move the staged label files into labels/, replacing whatever was there."""
+        self.labels.remove()
+        published = []
+        for i, f in enumerate(staging.files([".parquet"])):
+            dest = self.labels.join(f"part-{i:05d}.parquet")
+            f.move_to(dest)
+            published.append(dest)
+        self.root.join(STAGING).remove()
+        return published
+
+    def write_array(self, name: str, a: np.ndarray) -> None:
+        self.root.join(name).write_bytes(npy_bytes(a))
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        self.root.join(MANIFEST).write_bytes(json.dumps(manifest, indent=2).encode())
+        self.root.join(SUCCESS).write_bytes(b"")
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.root.join(MANIFEST).read_bytes())
+
+
+class Checkpoints:
+    """Per-iteration fit state: ``state-NNNNNN.json`` names its arrays and is written
+    after them, so a JSON file that parses marks a complete checkpoint."""
+
+    KEEP = 2
+
+    def __init__(self, root: Location, fingerprint: dict[str, Any]):
+        self.root = root
+        self.fingerprint = fingerprint
+
+    def save(self, state: KMeansState) -> None:
+        tag = f"{state.iteration:06d}"
+        arrays = {"centroids": f"centroids-{tag}.npy"}
+        self.root.join(arrays["centroids"]).write_bytes(npy_bytes(state.centroids))
+        if state.weight_sums is not None:
+            arrays["weight_sums"] = f"weights-{tag}.npy"
+            self.root.join(arrays["weight_sums"]).write_bytes(npy_bytes(state.weight_sums))
+        doc = {
+            "fingerprint": self.fingerprint,
+            "iteration": state.iteration,
+            "converged": state.converged,
+            "history": state.history_dicts(),
+            "arrays": arrays,
+        }
+        self.root.join(f"state-{tag}.json").write_bytes(json.dumps(doc).encode())
+        self._prune()
+
+    def _states(self) -> list[Location]:
+        return sorted(
+            (
+                f
+                for f in self.root.files([".json"])
+                if f.url.rsplit("/", 1)[-1].startswith("state-")
+            ),
+            key=lambda f: f.url,
+        )
+
+    def _prune(self) -> None:
+        for old in self._states()[: -self.KEEP]:
+            doc = json.loads(old.read_bytes())
+            old.remove()
+            for name in doc["arrays"].values():
+                self.root.join(name).remove()
+
+    def latest(self) -> KMeansState | None:
+        """The newest complete checkpoint of this run, or None."""
+        for loc in reversed(self._states()):
+            try:
+                doc = json.loads(loc.read_bytes())
+                arrays = {k: load_npy(self.root.join(v)) for k, v in doc["arrays"].items()}
+            except (ValueError, KeyError, InputError) as e:
+                log.warning("ignoring unreadable checkpoint %s (%s)", loc.url, e)
+                continue
+            if doc["fingerprint"] != self.fingerprint:
+                raise ConfigError(
+                    f"{self.root.url} holds checkpoints of a different run "
+                    f"({_diff(doc['fingerprint'], self.fingerprint)}); "
+                    "use --overwrite or another --output"
+                )
+            return KMeansState(
+                centroids=arrays["centroids"].astype(np.float32),
+                iteration=int(doc["iteration"]),
+                weight_sums=arrays.get("weight_sums"),
+                history=[IterationRecord(**r) for r in doc["history"]],
+                converged=bool(doc["converged"]),
+            )
+        return None
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)

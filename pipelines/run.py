@@ -1,0 +1,202 @@
+"""``pseudolabel run``: plan -> fit -> label -> commit, as DESIGN.md's flow."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any
+
+from ops.metrics import scores, size_stats
+from pipelines.cluster import ray_session, size_pools
+from pipelines.config import RunConfig
+from pipelines.errors import ConfigError, InputError
+from pipelines.fit import FitResult, fingerprint, run_fit
+from pipelines.label import LabelCounts, LabelPool, LabelSpec, count_labels, label_pass
+from pipelines.output import CENTROIDS, CHECKPOINTS, Checkpoints, RunOutput
+from pipelines.reader import Plan, ReadSettings, make_plan
+from pipelines.shards import WorkerSpec
+from pipelines.storage import resolve
+
+log = logging.getLogger("pseudolabel")
+
+
+@contextmanager
+def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def read_settings(config: RunConfig, plan: Plan | None = None) -> ReadSettings:
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "float16" if plan is not None and plan.value_type == "float16" else "float32"
+    return ReadSettings(
+        id_column=config.id_column,
+        embedding_column=config.embedding_column,
+        extra_columns=(config.truth_column,) if config.truth_column else (),
+        dim=plan.dim if plan else 0,
+        dtype=dtype,
+        on_bad_rows=config.on_bad_rows,
+        storage_options=config.storage_options,
+    )
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Run the whole job and return its manifest. A committed output is returned as is."""
+    t_start = time.perf_counter()
+    source = resolve(config.input, config.storage_options)
+    output = RunOutput(resolve(config.output, config.storage_options))
+    if source.contains(output.root):
+        raise ConfigError(
+            f"--output {output.root.url} lies inside --input {source.url}: the next run "
+            "would read the labels as embeddings; choose an output outside the input"
+        )
+    if output.committed():
+        if not config.overwrite:
+            log.info("%s is complete (_SUCCESS); --overwrite recomputes it", output.root.url)
+            return output.manifest()
+        log.info("--overwrite: removing the previous run at %s", output.root.url)
+        output.clear()
+
+    timings: dict[str, float] = {}
+    with _timed("plan", timings):
+        plan = make_plan(config.input, read_settings(config))
+    settings = read_settings(config, plan)
+    log.info(
+        "plan: %d %s files, %d rows, dim %d, %s%s",
+        len(plan.files),
+        plan.fmt,
+        plan.total_rows,
+        plan.dim,
+        plan.value_type,
+        f" ({len(plan.empty_files)} empty files skipped)" if plan.empty_files else "",
+    )
+    if config.k > plan.total_rows:
+        raise InputError(f"--k {config.k} exceeds the {plan.total_rows} input rows")
+
+    t_ray = time.perf_counter()
+    with ray_session(config) as resources:
+        timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
+        sizing = size_pools(config, resources)
+        spec = WorkerSpec(
+            metric="ip" if config.spherical else "l2",
+            device=sizing.device,
+            num_cpus=config.cpus_per_worker,
+            num_gpus=config.gpus_per_worker,
+            max_restarts=config.max_restarts,
+            batch_rows=config.batch_rows,
+            startup_timeout=config.startup_timeout,
+        )
+        checkpoints = Checkpoints(output.root.join(CHECKPOINTS), fingerprint(config, plan))
+        with _timed("fit", timings):
+            fitted = run_fit(config, plan, settings, spec, sizing.workers, checkpoints)
+        output.write_array(CENTROIDS, fitted.state.centroids)  # labelers load it
+        counts = _label(config, plan, settings, sizing, output, timings)
+        expected = plan.total_rows - sum(fitted.skipped.values())
+        if fitted.workers and counts.rows != expected:
+            raise RuntimeError(
+                f"label pass wrote {counts.rows} rows, expected {expected}: not committing"
+            )
+        manifest = _manifest(config, plan, fitted, counts, timings, sizing)
+        manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        output.commit(manifest)
+    log.info("done: %d rows labelled into %s", counts.rows, output.labels.url)
+    return manifest
+
+
+def _label(config, plan, settings, sizing, output: RunOutput, timings) -> LabelCounts:
+    spec = LabelSpec(
+        metric="ip" if config.spherical else "l2",
+        topk=config.topk,
+        id_type=plan.id_type,
+        truth_column=config.truth_column,
+        device=sizing.device,
+    )
+    pool = LabelPool(
+        size=sizing.label_workers,
+        num_cpus=config.cpus_per_worker,
+        num_gpus=config.gpus_per_worker,
+        batch_rows=config.label_batch_rows,
+    )
+    log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
+    with _timed("label", timings):
+        staging = output.new_staging()
+        label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging)
+    with _timed("publish", timings):
+        published = output.publish(staging)
+        return count_labels(published, config.k, truth_column=config.truth_column)
+
+
+def _manifest(
+    config: RunConfig, plan: Plan, fitted: FitResult, counts: LabelCounts, timings, sizing
+) -> dict[str, Any]:
+    history = fitted.state.history_dicts()
+    metrics: dict[str, Any] = {
+        "final_inertia": counts.distance_sum,
+        "mean_distance": counts.distance_sum / max(counts.rows, 1),
+    }
+    if config.truth_column:
+        metrics["truth"] = scores(counts.truth_table())
+    skipped = {"total": plan.total_rows - counts.rows, "by_reason": fitted.skipped}
+    return {
+        "format": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(),
+        "input": {
+            "url": plan.input_url,
+            "format": plan.fmt,
+            "files": len(plan.files),
+            "empty_files": plan.empty_files,
+            "rows": plan.total_rows,
+            "dim": plan.dim,
+            "value_type": plan.value_type,
+            "id_type": plan.id_type,
+        },
+        "fit": {
+            "algorithm": config.algorithm,
+            "init": fitted.init,
+            "iterations_run": fitted.state.iteration,
+            "converged": fitted.state.converged,
+            "resumed_from_iteration": fitted.resumed_from,
+            "workers": fitted.workers,
+            "nodes": fitted.nodes,
+            "device": sizing.device,
+            "history": history,
+            "seconds": {k: round(v, 3) for k, v in fitted.seconds.items()},
+        },
+        "clusters": {
+            "k": config.k,
+            "sizes": counts.sizes.tolist(),
+            "balance": size_stats(counts.sizes),
+        },
+        "rows": {"input": plan.total_rows, "output": counts.rows, "skipped": skipped},
+        "metrics": metrics,
+        "timings": dict(timings),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in (
+        "pseudolabel",
+        "ray",
+        "faiss-cpu",
+        "faiss-gpu-cu12",
+        "numpy",
+        "pyarrow",
+        "torch",
+        "fsspec",
+        "s3fs",
+    ):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,301 @@
+"""ShardWorker actors and the driver-side dataset that fans out to them.
+
+``RayShardedData`` implements ``ops.dataset.ShardedData`` (and ``StreamingData``) over
+long-lived actors, so ``ops.kmeans.fit`` runs unchanged on a cluster. Per iteration the
+driver puts the centroids once and receives k x d float64 sums and k counts per worker,
+summed in a tree when there are many workers (DESIGN invariant 2).
+
+A worker's state derives from its constructor arguments alone (its shards, or its Ray
+Data split), so an actor that Ray restarts after a lost node is a correct one
+(invariant 8); its methods are pure functions of their arguments and may be retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from ops.assign import CentroidIndex, normalize_rows
+from ops.dataset import sample_indices
+from ops.stats import PartialStats, partial_stats, reduce_stats
+from pipelines.errors import InputError, PseudolabelError, ResourceError
+from pipelines.reader import Plan, ReadSettings, Shard, iter_batches, read_rows
+
+log = logging.getLogger("pseudolabel")
+
+# Above this many workers the driver sums their statistics in a tree of Ray tasks,
+# each adding at most this many, instead of receiving every k x d matrix itself.
+REDUCE_FAN_IN = 8
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    metric: str  # "l2", or "ip" for spherical k-means (rows unit-normalised at load)
+    device: str = "cpu"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+    batch_rows: int = 16384  # mini-batch rows per step
+    startup_timeout: float = 600.0  # seconds to wait for resources and loading
+
+
+class ShardWorker:
+    """Rows of some shards in memory, or a Ray Data split streamed in mini-batches."""
+
+    def __init__(self, shards: list[Shard], settings: ReadSettings, spec: WorkerSpec, stream=None):
+        self.spec = spec
+        self.settings = settings
+        self.stream = stream
+        self.skipped: Counter = Counter()
+        self._batches = None
+        # A constructor exception reaches the driver only as "actor died": keep it and
+        # raise it from info(), where it arrives as itself (file, row, column).
+        self.error: Exception | None = None
+        if stream is None:
+            try:
+                self._load(shards)
+            except PseudolabelError as e:
+                self.error = e
+        else:
+            self.x = np.empty((0, settings.dim), settings.dtype)
+            self.rows = np.empty(0, np.int64)
+
+    def _load(self, shards: list[Shard]) -> None:
+        n = sum(s.rows for s in shards)
+        x = np.empty((n, self.settings.dim), self.settings.dtype)
+        rows = np.empty(n, np.int64)
+        filled = 0
+        for shard in shards:
+            for batch in iter_batches(shard, self.settings, with_ids=False):
+                m = len(batch.x)
+                x[filled : filled + m] = batch.x
+                rows[filled : filled + m] = batch.rows
+                filled += m
+                self.skipped.update(batch.skipped)
+        self.x, self.rows = x[:filled], rows[:filled]
+        if self.spec.metric == "ip":
+            self._reject_zero_rows()
+            self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
+
+    def _reject_zero_rows(self) -> None:
+        norms = np.einsum("ij,ij->i", self.x, self.x, dtype=np.float64)
+        zero = norms == 0
+        if zero.any():
+            if self.settings.on_bad_rows == "error":
+                raise InputError(
+                    f"global row {int(self.rows[zero][0])}: all-zero embedding cannot be "
+                    "unit-normalised for --spherical; use --on-bad-rows skip to drop it"
+                )
+            self.skipped["zero embedding (spherical)"] += int(zero.sum())
+            self.x, self.rows = self.x[~zero], self.rows[~zero]
+
+    def info(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return {
+            "rows": len(self.x),
+            "skipped": dict(self.skipped),
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "pid": os.getpid(),
+            "device": self.spec.device,
+        }
+
+    def rows_at(self, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found global rows, their embeddings) for sorted global row numbers."""
+        pos = np.searchsorted(self.rows, global_rows)
+        pos = pos[pos < len(self.rows)]
+        hit = pos[np.isin(self.rows[pos], global_rows)]
+        return self.rows[hit], np.asarray(self.x[hit], np.float32)
+
+    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+        return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
+
+    def start_epoch(self, epoch: int) -> None:
+        self._batches = iter(
+            self.stream.iter_batches(
+                batch_size=self.spec.batch_rows,
+                batch_format="numpy",
+                local_shuffle_buffer_size=4 * self.spec.batch_rows,
+                local_shuffle_seed=epoch,
+            )
+        )
+
+    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
+        """Statistics of this worker's next mini-batch; zeros once its split is done."""
+        k, d = centroids.shape
+        batch = next(self._batches, None) if self._batches is not None else None
+        if batch is None:
+            self._batches = None
+            return PartialStats.zeros(k, d)
+        x = batch["embedding"]
+        if self.spec.metric == "ip":
+            x = normalize_rows(x)
+        return partial_stats(x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
+
+
+@ray.remote
+def _sum_stats(*parts: PartialStats) -> PartialStats:
+    return reduce_stats(list(parts))
+
+
+def tree_reduce(refs: list) -> PartialStats:
+    """Sum statistics refs, REDUCE_FAN_IN at a time, in a fixed (index) order."""
+    while len(refs) > REDUCE_FAN_IN:
+        refs = [
+            _sum_stats.remote(*refs[i : i + REDUCE_FAN_IN])
+            for i in range(0, len(refs), REDUCE_FAN_IN)
+        ]
+    return reduce_stats(ray.get(refs))
+
+
+class RayShardedData:
+    """The ops dataset protocol over ShardWorker actors that hold their rows."""
+
+    def __init__(self, plan: Plan, settings: ReadSettings, spec: WorkerSpec, workers: int):
+        self.plan, self.settings, self.spec = plan, settings, spec
+        self.assignment = plan.split(workers)
+        if len(self.assignment) < workers:
+            log.info(
+                "input splits into %d pieces: using %d workers, not %d",
+                len(self.assignment),
+                len(self.assignment),
+                workers,
+            )
+        self.actors = [self._start(shards) for shards in self.assignment]
+        self.infos = self._wait_ready()
+
+    def _wait_ready(self) -> list[dict]:
+        """Worker infos, or a clear error instead of waiting forever for resources."""
+        refs = [a.info.remote() for a in self.actors]
+        try:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.spec.startup_timeout)
+            if pending:
+                have = ray.available_resources()
+                raise ResourceError(
+                    f"{len(pending)} of {len(refs)} workers did not start within "
+                    f"{self.spec.startup_timeout:g} s; each needs {self.spec.num_cpus:g} CPU "
+                    f"and {self.spec.num_gpus:g} GPU, the cluster has "
+                    f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU free "
+                    "(lower --workers, or let the autoscaler add nodes)"
+                )
+            return ray.get(refs)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, shards: list[Shard], stream=None):
+        actor = ray.remote(ShardWorker).options(
+            num_cpus=self.spec.num_cpus,
+            num_gpus=self.spec.num_gpus,
+            max_restarts=self.spec.max_restarts,
+            max_task_retries=self.spec.max_restarts,
+            scheduling_strategy="SPREAD",
+        )
+        return actor.remote(shards, self.settings, self.spec, stream)
+
+    @property
+    def skipped(self) -> Counter:
+        return sum((Counter(i["skipped"]) for i in self.infos), Counter())
+
+    def count(self) -> int:
+        return sum(i["rows"] for i in self.infos)
+
+    def dim(self) -> int:
+        return self.plan.dim
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        wanted = sample_indices(self.plan.total_rows, n, seed)
+        refs = []
+        for actor, shards in zip(self.actors, self.assignment, strict=True):
+            mine = wanted[_in_shards(wanted, shards)]
+            if len(mine):
+                refs.append(actor.rows_at.remote(mine))
+        return _in_row_order(ray.get(refs), self.plan.dim)
+
+    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        return tree_reduce([a.partial_stats.remote(ref) for a in self.actors])
+
+    def shutdown(self) -> None:
+        """Kill the actors and wait (briefly) until Ray has their CPUs back, so the
+        label pass that follows does not start on a cluster that looks full."""
+        if not self.actors:
+            return
+        freed = min(  # actors that never started hold nothing: cap at the cluster's CPUs
+            ray.cluster_resources().get("CPU", 0),
+            ray.available_resources().get("CPU", 0) + self.spec.num_cpus * len(self.actors),
+        )
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        deadline = time.monotonic() + 10
+        while ray.available_resources().get("CPU", 0) < freed and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class RayStreamingData(RayShardedData):
+    """Mini-batch k-means over a Ray Data stream split across the actors.
+
+    Ray Data reads the shards; each actor pulls its own split, so batches reach the
+    actors by reference and never pass through the driver.
+    """
+
+    def __init__(
+        self, plan: Plan, settings: ReadSettings, spec: WorkerSpec, workers: int, seed: int
+    ):
+        from pipelines.datasource import embedding_dataset
+
+        self.plan, self.settings, self.spec = plan, settings, spec
+        self.assignment = []
+        dataset = embedding_dataset(plan, settings, with_ids=False).randomize_block_order(seed=seed)
+        self.splits = dataset.streaming_split(workers, equal=True)
+        self.actors = [self._start([], stream=split) for split in self.splits]
+        self.infos = []  # rows are validated (and skipped) by the stream's read tasks
+
+    def count(self) -> int:
+        return self.plan.total_rows
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        wanted = sample_indices(self.plan.total_rows, n, seed)
+        task = ray.remote(_read_sample).options(num_cpus=1)
+        refs = []
+        for f in self.plan.files:
+            mine = wanted[(wanted >= f.offset) & (wanted < f.offset + f.rows)]
+            if len(mine):
+                refs.append(task.remote(f, mine - f.offset, self.settings))
+        sample = np.concatenate(ray.get(refs))
+        return normalize_rows(sample) if self.spec.metric == "ip" else sample
+
+    def start_epoch(self, epoch: int) -> None:
+        ray.get([a.start_epoch.remote(epoch) for a in self.actors])
+
+    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
+        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        stats = tree_reduce([a.next_batch_stats.remote(ref) for a in self.actors])
+        return stats if stats.n else None
+
+
+def _read_sample(file, local_rows: np.ndarray, settings: ReadSettings) -> np.ndarray:
+    return np.asarray(read_rows(file, local_rows, settings), np.float32)
+
+
+def _in_shards(rows: np.ndarray, shards: list[Shard]) -> np.ndarray:
+    mask = np.zeros(len(rows), bool)
+    for s in shards:
+        lo = s.file.offset + s.start
+        mask |= (rows >= lo) & (rows < lo + s.rows)
+    return mask
+
+
+def _in_row_order(parts: list[tuple[np.ndarray, np.ndarray]], dim: int) -> np.ndarray:
+    if not parts:
+        return np.empty((0, dim), np.float32)
+    rows = np.concatenate([p[0] for p in parts])
+    x = np.concatenate([p[1] for p in parts])
+    return x[np.argsort(rows, kind="stable")]

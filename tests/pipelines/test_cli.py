@@ -1,0 +1,81 @@
+"""The command line as a user meets it: real processes, each with its own local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.demo import write_parquet_shards
+
+BIN = Path(sys.executable).parent
+DESIGN_FLAGS = [
+    "--input", "--output", "--k", "--algorithm", "--iterations", "--spherical",
+    "--workers", "--gpus-per-worker", "--topk", "--seed", "--id-column", "--embedding-column",
+    "--config",
+]  # fmt: skip
+
+
+def pseudolabel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [str(BIN / "pseudolabel"), *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_help_lists_the_contracted_flags():
+    out = pseudolabel("run", "--help").stdout
+    missing = [f for f in DESIGN_FLAGS if f not in out]
+    assert missing == []
+    assert "demo" in pseudolabel("--help").stdout
+
+
+def test_run_prints_progress_and_summary(tmp_path):
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    write_parquet_shards(tmp_path / "in", x, 3)
+    result = pseudolabel(
+        "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+        "--k", "4", "--iterations", "3", "--tol", "0", "--workers", "2", "--cpus-per-worker",
+        "0.5", "--config", str(Path(__file__).parents[2] / "cluster_configs" / "local.yaml"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in (1, 2, 3):
+        assert f"fit: iter   {i}/3  inertia" in result.stdout
+    assert "3000 labelled rows" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    x = np.ones((40, 3), np.float32)
+    x[5, 2] = np.inf
+    write_parquet_shards(tmp_path / "in", x, 1)
+    result = pseudolabel(
+        "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--k", "2"
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pseudolabel:")]
+    assert len(errors) == 1
+    assert "part-00000.parquet: row 5: NaN or inf in embedding" in errors[0]
+
+
+@pytest.mark.parametrize("args", [["--k", "0"], ["--k", "3", "--topk", "5"]])
+def test_config_errors_before_any_work(tmp_path, args):
+    result = pseudolabel("run", "--input", str(tmp_path), "--output", str(tmp_path / "o"), *args)
+    assert result.returncode == 2 and "pseudolabel: error: --" in result.stderr
+
+
+def test_demo(tmp_path):
+    result = pseudolabel("demo", "--dir", str(tmp_path), "--rows", "20000", "--k", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vs truth   NMI" in result.stdout
+    nmi = float(result.stdout.split("NMI")[1].split()[0])
+    assert nmi > 0.9
+    assert (tmp_path / "run" / "_SUCCESS").exists()

@@ -1,0 +1,73 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipelines import config as cfg
+from pipelines.cli import build_parser, config_from_args
+from pipelines.errors import ConfigError
+
+LOCAL = Path(__file__).parents[2] / "cluster_configs" / "local.yaml"
+
+
+def test_local_yaml_equals_builtin_defaults():
+    values = cfg.load_yaml(LOCAL)
+    defaults = {
+        f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in cfg.fields()
+        if not f.metadata.get("required")
+    }
+    assert values == defaults
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("k: 7\niterations: 3\nspherical: true\ninput: a\noutput: b\n")
+    args = build_parser().parse_args(
+        ["run", "--config", str(path), "--iterations", "9", "--no-spherical"]
+    )
+    config = config_from_args(args)
+    assert (config.k, config.iterations, config.spherical) == (7, 9, False)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("k: 3\nitersations: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown settings \['itersations'\]"):
+        cfg.load_yaml(path)
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("k: [3\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        cfg.load_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfg.load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"output": ""}, "--output is required"),
+        ({"k": 0}, "--k must be at least 1"),
+        ({"topk": 9}, "--topk 9 exceeds --k 3"),
+        ({"workers": 0}, "--workers must be at least 1"),
+        ({"algorithm": "dbscan"}, "algorithm must be one of"),
+        ({"tol": -1.0}, "--tol must be >= 0"),
+    ],
+)
+def test_validation_messages(overrides, message):
+    values = {"input": "a", "output": "b", "k": 3, **overrides}
+    with pytest.raises(ConfigError, match=message):
+        cfg.RunConfig(**values).validate()
+
+
+def test_manifest_view_redacts_storage_options():
+    config = cfg.build(input="a", output="b", k=2, storage_options={"secret": "hunter2"})
+    assert "hunter2" not in repr(config)
+    assert config.to_dict()["storage_options"] == {"secret": "<redacted>"}
+
+
+def test_empty_id_column_means_row_numbers():
+    assert cfg.build(input="a", output="b", k=2, id_column="").id_column is None

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from ops.kmeans import IterationRecord, KMeansState
+from pipelines.errors import ConfigError
+from pipelines.output import CHECKPOINTS, Checkpoints, RunOutput
+from pipelines.storage import resolve
+
+
+def state(i, k=3, minibatch=False):
+    record = IterationRecord(i, 10.0 / i, 0.1, 0.5, 0, 100)
+    weights = np.arange(k, dtype=np.float64) if minibatch else None
+    return KMeansState(np.full((k, 2), i, np.float32), i, weights, [record] * i)
+
+
+def test_checkpoint_roundtrip_and_pruning(tmp_path):
+    ckpt = Checkpoints(resolve(str(tmp_path / CHECKPOINTS)), {"k": 3})
+    assert ckpt.latest() is None
+    for i in range(1, 5):
+        ckpt.save(state(i, minibatch=True))
+    latest = ckpt.latest()
+    assert latest.iteration == 4 and latest.centroids[0, 0] == 4
+    np.testing.assert_array_equal(latest.weight_sums, [0, 1, 2])
+    assert len(latest.history) == 4 and latest.history[0].inertia == 2.5
+    names = sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir())
+    assert names == [
+        "centroids-000003.npy",
+        "centroids-000004.npy",
+        "state-000003.json",
+        "state-000004.json",
+        "weights-000003.npy",
+        "weights-000004.npy",
+    ]
+
+
+def test_torn_checkpoint_falls_back_to_previous(tmp_path):
+    ckpt = Checkpoints(resolve(str(tmp_path)), {"k": 3})
+    ckpt.save(state(1))
+    ckpt.save(state(2))
+    (tmp_path / "centroids-000002.npy").write_bytes(b"\x93NUMPY torn")
+    assert ckpt.latest().iteration == 1
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    Checkpoints(resolve(str(tmp_path)), {"k": 3, "seed": 0}).save(state(1))
+    with pytest.raises(ConfigError, match=r"different run \(k: 3 -> 4\); use --overwrite"):
+        Checkpoints(resolve(str(tmp_path)), {"k": 4, "seed": 0}).latest()
+
+
+def test_checkpoints_never_unpickle(tmp_path):
+    ckpt = Checkpoints(resolve(str(tmp_path)), {"k": 3})
+    ckpt.save(state(1))
+    np.save(tmp_path / "centroids-000001.npy", np.array([object()]), allow_pickle=True)
+    assert ckpt.latest() is None  # refused, not executed
+
+
+def test_publish_replaces_labels_and_commit_writes_success_last(tmp_path):
+    out = RunOutput(resolve(str(tmp_path)))
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "stale.parquet").write_bytes(b"old")
+    staging = out.new_staging()
+    staging.join("a.parquet").write_bytes(b"A")
+    staging.join("b.parquet").write_bytes(b"B")
+    published = out.publish(staging)
+    assert [p.url.rsplit("/", 1)[1] for p in published] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
+    assert not (tmp_path / "_staging").exists()
+    assert not out.committed()
+    out.commit({"ok": 1})
+    assert out.committed() and json.loads((tmp_path / "manifest.json").read_text()) == {"ok": 1}
+    out.clear()
+    assert list(tmp_path.iterdir()) == []

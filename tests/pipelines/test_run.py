@@ -1,0 +1,136 @@
+"""End to end on a local Ray: the output contract of DESIGN.md, and its refusals."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.demo import write_parquet_shards
+from pipelines.errors import ConfigError, InputError
+from pipelines.run import run
+from tests.pipelines.conftest import fast_config, nearest
+
+
+def labels_table(out):
+    return pq.read_table(out / "labels")
+
+
+def test_contracted_output(ray_local, small_dataset, tmp_path):
+    root, x, truth = small_dataset
+    out = tmp_path / "run"
+    manifest = run(fast_config(input=str(root), output=str(out), topk=3, truth_column="truth"))
+
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["_SUCCESS", "_checkpoints", "centroids.npy", "labels", "manifest.json"]
+    centroids = np.load(out / "centroids.npy", allow_pickle=False)
+    assert centroids.shape == (12, 16) and centroids.dtype == np.float32
+
+    table = labels_table(out)
+    assert table.schema.field("label").type == pa.int32()
+    assert table.schema.field("distance").type == pa.float32()
+    assert table.schema.field("id").type == pa.int64()
+    assert table.schema.field("topk_labels").type == pa.list_(pa.int32(), 3)
+    # Exactly one row per input id, ids preserved.
+    ids = table.column("id").to_numpy()
+    assert len(ids) == 6000 and np.array_equal(np.sort(ids), np.arange(6000))
+    order = np.argsort(ids)
+    labels = table.column("label").to_numpy()[order]
+    np.testing.assert_array_equal(labels, nearest(x, centroids))
+    dist = table.column("distance").to_numpy()[order]
+    np.testing.assert_allclose(dist, ((x - centroids[labels]) ** 2).sum(1), rtol=1e-3, atol=1e-3)
+    topk = np.stack(table.column("topk_labels").to_numpy(zero_copy_only=False))[order]
+    np.testing.assert_array_equal(topk[:, 0], labels)
+    np.testing.assert_array_equal(table.column("truth").to_numpy()[order], truth)
+
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert manifest["rows"] == {
+        "input": 6000,
+        "output": 6000,
+        "skipped": {"total": 0, "by_reason": {}},
+    }
+    assert sum(manifest["clusters"]["sizes"]) == 6000
+    assert manifest["fit"]["history"][0]["iteration"] == 1
+    assert manifest["metrics"]["truth"]["nmi"] > 0.9
+    assert set(manifest["timings"]) >= {"plan", "fit", "label", "publish", "total"}
+    assert {"ray", "faiss-cpu", "numpy", "pyarrow", "torch"} <= set(manifest["versions"])
+    assert manifest["config"]["k"] == 12
+
+
+def test_rerun_of_committed_output_is_not_recomputed(ray_local, small_dataset, tmp_path):
+    root, _, _ = small_dataset
+    config = fast_config(input=str(root), output=str(tmp_path / "run"), iterations=2)
+    first = run(config)
+    stamp = (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns
+    assert run(config) == first
+    assert (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns == stamp
+    config.overwrite = True
+    run(config)
+    assert (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns > stamp
+
+
+def test_string_ids_and_npy_input(ray_local, tmp_path):
+    x = np.random.default_rng(0).standard_normal((900, 4)).astype(np.float32)
+    ids = np.array([f"img-{i:04d}" for i in range(900)])
+    write_parquet_shards(tmp_path / "p", x, 3, ids=ids)
+    run(fast_config(input=str(tmp_path / "p"), output=str(tmp_path / "o1"), k=5))
+    got = labels_table(tmp_path / "o1").column("id")
+    assert got.type == pa.string() and sorted(got.to_pylist()) == sorted(ids.tolist())
+
+    (tmp_path / "n").mkdir()
+    np.save(tmp_path / "n" / "a.npy", x[:400])
+    np.save(tmp_path / "n" / "b.npy", x[400:])
+    run(fast_config(input=str(tmp_path / "n"), output=str(tmp_path / "o2"), k=5))
+    got = labels_table(tmp_path / "o2").column("id").to_numpy()
+    assert np.array_equal(np.sort(got), np.arange(900))
+
+
+def test_minibatch_and_spherical_end_to_end(ray_local, small_dataset, tmp_path):
+    root, _, _ = small_dataset
+    m = run(
+        fast_config(
+            input=str(root),
+            output=str(tmp_path / "mb"),
+            algorithm="minibatch",
+            iterations=3,
+            batch_rows=500,
+            workers=1,
+            truth_column="truth",
+        )
+    )
+    assert m["fit"]["algorithm"] == "minibatch" and m["rows"]["output"] == 6000
+    assert m["metrics"]["truth"]["nmi"] > 0.9
+    s = run(fast_config(input=str(root), output=str(tmp_path / "sph"), spherical=True))
+    c = np.load(tmp_path / "sph" / "centroids.npy")
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
+    assert max(r["inertia"] for r in s["fit"]["history"]) <= 4 * 6000  # |x - c|^2 <= 4
+
+
+def test_output_inside_input_is_refused(small_dataset):
+    root, _, _ = small_dataset
+    with pytest.raises(ConfigError, match="lies inside --input"):
+        run(fast_config(input=str(root), output=str(root / "labels_here")))
+
+
+def test_k_larger_than_rows(ray_local, tmp_path):
+    write_parquet_shards(tmp_path / "in", np.ones((10, 3), np.float32), 1)
+    with pytest.raises(InputError, match="--k 11 exceeds the 10 input rows"):
+        run(fast_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=11))
+
+
+def test_bad_row_error_names_file_and_row(ray_local, tmp_path):
+    x = np.ones((50, 3), np.float32)
+    x[7, 0] = np.nan
+    write_parquet_shards(tmp_path / "in", x, 2)
+    with pytest.raises(InputError, match=r"part-00000.parquet: row 7: NaN or inf"):
+        run(fast_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=2))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    m = run(
+        fast_config(
+            input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=2, on_bad_rows="skip"
+        )
+    )
+    assert m["rows"]["skipped"] == {"total": 1, "by_reason": {"NaN or inf in embedding": 1}}
+    assert m["rows"]["output"] == 49

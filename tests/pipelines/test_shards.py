@@ -1,0 +1,79 @@
+"""ShardWorker and the Ray-backed dataset: same math as in-process, independent of W."""
+
+import numpy as np
+import pytest
+
+from ops.dataset import ArrayData
+from ops.kmeans import KMeansParams, KMeansState, fit, init_state
+from pipelines.reader import ReadSettings, make_plan
+from pipelines.shards import RayShardedData, RayStreamingData, ShardWorker, WorkerSpec
+
+SPEC = WorkerSpec(metric="l2", num_cpus=0.5, batch_rows=500)
+
+
+def plan_and_settings(root):
+    plan = make_plan(str(root), ReadSettings())
+    return plan, ReadSettings(dim=plan.dim)
+
+
+def test_worker_in_process_matches_array_data(small_dataset):
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    worker = ShardWorker(plan.split(1)[0], settings, SPEC)
+    c = x[:12]
+    ours, ref = worker.partial_stats(c), ArrayData(x).partial_stats(c)
+    np.testing.assert_allclose(ours.sums, ref.sums, rtol=1e-12)
+    np.testing.assert_array_equal(ours.counts, ref.counts)
+    rows, got = worker.rows_at(np.array([0, 17, 5999]))
+    np.testing.assert_array_equal(rows, [0, 17, 5999])
+    np.testing.assert_array_equal(got, x[[0, 17, 5999]])
+
+
+def test_four_workers_equal_one_worker(ray_local, small_dataset):
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    params = KMeansParams(k=12, iterations=6, tol=0, seed=5)
+    results = {}
+    for workers in (1, 4):
+        data = RayShardedData(plan, settings, SPEC, workers)
+        try:
+            assert len(data.actors) == workers and data.count() == 6000
+            state, _ = init_state(data, params)
+            results[workers] = (state.centroids.copy(), fit(data, params, state).centroids)
+        finally:
+            data.shutdown()
+    np.testing.assert_array_equal(results[1][0], results[4][0])  # same sample, same seeds
+    np.testing.assert_allclose(results[1][1], results[4][1], atol=1e-4)
+    local = fit(ArrayData(x), params, KMeansState(results[1][0].copy()))
+    np.testing.assert_allclose(results[4][1], local.centroids, atol=1e-4)
+
+
+def test_streaming_minibatch_on_ray(ray_local, small_dataset):
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    params = KMeansParams(k=12, algorithm="minibatch", iterations=2, tol=0, seed=1)
+    data = RayStreamingData(plan, settings, SPEC, workers=2, seed=1)
+    try:
+        state, _ = init_state(data, params)
+        state = fit(data, params, state)
+    finally:
+        data.shutdown()
+    assert [r.rows for r in state.history] == [6000, 6000]  # every row once per epoch
+    assert state.history[0].steps >= 6000 // (2 * 500)
+    lloyd = fit(
+        ArrayData(x),
+        KMeansParams(k=12, iterations=20, seed=1),
+        init_state(ArrayData(x), KMeansParams(k=12, seed=1))[0],
+    )
+    ours = ArrayData(x).partial_stats(state.centroids).inertia
+    best = ArrayData(x).partial_stats(lloyd.centroids).inertia
+    assert ours <= 1.05 * best
+
+
+def test_too_many_workers_for_the_cluster_fail_fast(ray_local, small_dataset):
+    from pipelines.errors import ResourceError
+
+    plan, settings = plan_and_settings(small_dataset[0])
+    spec = WorkerSpec(metric="l2", num_cpus=1.5, startup_timeout=3)
+    with pytest.raises(ResourceError, match=r"1 of 2 workers did not start within 3 s"):
+        RayShardedData(plan, settings, spec, workers=2)
