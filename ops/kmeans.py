@@ -171,12 +171,14 @@ def fit(
     params: KMeansParams,
     state: KMeansState,
     on_iteration: Callable[[KMeansState, IterationRecord], None] | None = None,
+    on_step: Callable[[KMeansState, int, PartialStats], None] | None = None,
 ) -> KMeansState:
     """Run iterations ``state.iteration .. params.iterations - 1`` and return the state.
 
     Stops early once inertia improves by less than ``params.tol`` (relative) in an
     iteration that split no cluster. ``on_iteration`` runs after each one (progress,
-    checkpoint). Same data, seed and state give the same centroids (invariant 4).
+    checkpoint); ``on_step`` after each mini-batch update (step number, batch stats).
+    Same data, seed and state give the same centroids (invariant 4).
     """
     if params.algorithm == "minibatch" and not isinstance(data, StreamingData):
         raise TypeError("mini-batch k-means needs a dataset with start_epoch/next_batch_stats")
@@ -189,7 +191,7 @@ def fit(
             state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
             inertia, rows, steps = stats.inertia, stats.n, 1
         else:
-            inertia, rows, steps, n_split = _minibatch_epoch(data, state, params, rng, it)
+            inertia, rows, steps, n_split = _minibatch_epoch(data, state, params, rng, it, on_step)
         rel = None if not prev else (prev - inertia) / prev
         record = IterationRecord(
             it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps
@@ -211,6 +213,7 @@ def _minibatch_epoch(
     params: KMeansParams,
     rng: np.random.Generator,
     epoch: int,
+    on_step: Callable[[KMeansState, int, PartialStats], None] | None,
 ) -> tuple[float, int, int, int]:
     """One pass in mini-batches. Inertia sums each batch's cost before its update."""
     data.start_epoch(epoch)
@@ -224,6 +227,8 @@ def _minibatch_epoch(
         if split and params.spherical:
             state.centroids = normalize_rows(state.centroids)
         n_split += split
+        if on_step is not None:
+            on_step(state, steps, stats)
     if rows == 0:
         raise RuntimeError(f"mini-batch epoch {epoch + 1} saw no rows")
     return inertia, rows, steps, n_split

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ops.assign import DEFAULT_CHUNK_ROWS, CentroidIndex, iter_chunks, squared_distances
 
@@ -56,7 +55,7 @@ def reduce_stats(parts: list[PartialStats]) -> PartialStats:
 
 
 @contextmanager
-def _torch_single_thread() -> Iterator[None]:
+def _torch_single_thread(torch) -> Iterator[None]:
     """torch's OpenMP pool spins after each call and slows faiss's pool by ~15% when the
     two alternate (measured on 1M x 128, k = 1024); one thread adds in 0.05 s per 1M rows."""
     previous = torch.get_num_threads()
@@ -72,10 +71,12 @@ def accumulate_sums(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None
 
     x (n, d) float32/float16, labels (n,) int64 in [0, k), sums (k, d) float64.
     """
+    import torch  # imported on first use: it takes about a second to load
+
     out = torch.from_numpy(sums)
     lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     buf = torch.empty((min(_ACCUMULATE_ROWS, len(x)), x.shape[1]), dtype=torch.float64)
-    with _torch_single_thread():
+    with _torch_single_thread(torch):
         for sl in iter_chunks(len(x), _ACCUMULATE_ROWS):
             m = sl.stop - sl.start
             buf[:m].copy_(torch.from_numpy(np.ascontiguousarray(x[sl])))

@@ -69,7 +69,7 @@ class RunConfig:
         0.0, "GPUs per worker and per labeler (0: CPU faiss)", metavar="G"
     )
     label_workers: int | None = _opt(None, "labeler actors; default: CPUs minus one for reads")
-    label_batch_rows: int = _opt(16384, "rows per label batch")
+    label_batch_rows: int = _opt(65536, "rows per label batch")
     max_restarts: int = _opt(3, "times a lost worker actor is rebuilt before the run fails")
     startup_timeout: float = _opt(600.0, "seconds to wait for workers to start before failing")
     # Ray and storage.

@@ -23,9 +23,26 @@ ROWS_PER_TASK = 262_144
 
 
 class EmbeddingDatasource(Datasource):
-    def __init__(self, plan: Plan, settings: ReadSettings, with_ids: bool = True):
+    """One read task per unit of the plan, in file order, or in a seeded random order.
+
+    Shuffling the tasks (not ``Dataset.randomize_block_order``, an all-to-all step that
+    materialises every block before the first one is emitted) lets a stream start at
+    once; ``iter_batches``' local shuffle buffer then mixes rows across blocks.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        settings: ReadSettings,
+        with_ids: bool = True,
+        shuffle_seed: int | None = None,
+        rows_per_task: int = ROWS_PER_TASK,
+    ):
         self.plan, self.settings, self.with_ids = plan, settings, with_ids
-        self.units = plan.units(ROWS_PER_TASK)
+        self.units = plan.units(rows_per_task)
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(len(self.units))
+            self.units = [self.units[i] for i in order]
 
     def estimate_inmemory_data_size(self) -> int:
         return self.plan.total_rows * self.plan.dim * np.dtype(self.settings.dtype).itemsize
@@ -58,7 +75,7 @@ def _reader(unit: Shard, settings: ReadSettings, with_ids: bool):
 
 
 def embedding_dataset(
-    plan: Plan, settings: ReadSettings, with_ids: bool = True
+    plan: Plan, settings: ReadSettings, with_ids: bool = True, **source_options
 ) -> ray.data.Dataset:
-    source = EmbeddingDatasource(plan, settings, with_ids)
+    source = EmbeddingDatasource(plan, settings, with_ids, **source_options)
     return ray.data.read_datasource(source, override_num_blocks=len(source.units))

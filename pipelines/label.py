@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ class LabelSpec:
     id_type: str
     truth_column: str | None = None
     device: str = "cpu"
+    threads: int | None = None  # faiss threads per labeler; None: Ray's OMP_NUM_THREADS
 
 
 class Labeler:
@@ -45,6 +47,8 @@ class Labeler:
     def __init__(self, centroids_url: str, storage_options: dict, spec: LabelSpec):
         centroids = load_npy(resolve(centroids_url, storage_options))
         self.spec = spec
+        if spec.threads:
+            faiss.omp_set_num_threads(spec.threads)
         self.index = CentroidIndex(centroids, spec.metric, spec.device)
         self.id_type = _arrow_type(spec.id_type)
 

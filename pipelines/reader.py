@@ -430,21 +430,3 @@ def _raise_or_count(bad: dict[str, np.ndarray], file: FileInfo, row0: int, setti
                 f"{', id column ' + repr(settings.id_column) if 'id' in reason else ''}); "
                 "use --on-bad-rows skip to drop such rows"
             )
-
-
-def read_rows(file: FileInfo, local_rows: np.ndarray, settings: ReadSettings) -> np.ndarray:
-    """Rows of one file at sorted in-file positions, reading only the blocks holding them.
-
-    Rows that fail validation are left out (with ``on_bad_rows="skip"``).
-    """
-    edges = np.cumsum((0, *file.blocks))
-    needed = np.unique(np.searchsorted(edges, local_rows, side="right") - 1)
-    wanted = local_rows + file.offset
-    parts = []
-    for g in needed:
-        shard = Shard(file, int(edges[g]), int(edges[g + 1]))
-        for batch in iter_batches(shard, settings, with_ids=False):
-            parts.append(batch.x[np.isin(batch.rows, wanted)])
-    if not parts:
-        return np.empty((0, settings.dim), settings.dtype)
-    return np.concatenate(parts)

@@ -12,12 +12,15 @@ Data split), so an actor that Ray restarts after a lost node is a correct one
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import ray
 
@@ -25,7 +28,7 @@ from ops.assign import CentroidIndex, normalize_rows
 from ops.dataset import sample_indices
 from ops.stats import PartialStats, partial_stats, reduce_stats
 from pipelines.errors import InputError, PseudolabelError, ResourceError
-from pipelines.reader import Plan, ReadSettings, Shard, iter_batches, read_rows
+from pipelines.reader import Plan, ReadSettings, Shard, iter_batches
 
 log = logging.getLogger("pseudolabel")
 
@@ -43,17 +46,25 @@ class WorkerSpec:
     max_restarts: int = 3
     batch_rows: int = 16384  # mini-batch rows per step
     startup_timeout: float = 600.0  # seconds to wait for resources and loading
+    threads: int | None = None  # faiss threads; None: Ray's OMP_NUM_THREADS
 
 
 class ShardWorker:
     """Rows of some shards in memory, or a Ray Data split streamed in mini-batches."""
 
     def __init__(self, shards: list[Shard], settings: ReadSettings, spec: WorkerSpec, stream=None):
+        # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
+        # so the actor is ready while the driver seeds; its first use waits if needed.
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        if spec.threads:
+            faiss.omp_set_num_threads(spec.threads)
         self.spec = spec
         self.settings = settings
         self.stream = stream
         self.skipped: Counter = Counter()
         self._batches = None
+        self._pending: list[np.ndarray] = []  # batches read for seeding, not yet used
+        self._epoch: int | None = None
         # A constructor exception reaches the driver only as "actor died": keep it and
         # raise it from info(), where it arrives as itself (file, row, column).
         self.error: Exception | None = None
@@ -117,6 +128,11 @@ class ShardWorker:
         return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
 
     def start_epoch(self, epoch: int) -> None:
+        """Begin pulling this worker's split for ``epoch`` (a no-op if already begun)."""
+        if self._epoch == epoch and self._batches is not None:
+            return
+        self._epoch = epoch
+        self._pending = []
         self._batches = iter(
             self.stream.iter_batches(
                 batch_size=self.spec.batch_rows,
@@ -126,16 +142,37 @@ class ShardWorker:
             )
         )
 
-    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
-        """Statistics of this worker's next mini-batch; zeros once its split is done."""
-        k, d = centroids.shape
+    def _next_rows(self) -> np.ndarray | None:
+        if self._pending:
+            return self._pending.pop(0)
         batch = next(self._batches, None) if self._batches is not None else None
         if batch is None:
             self._batches = None
-            return PartialStats.zeros(k, d)
+            return None
         x = batch["embedding"]
-        if self.spec.metric == "ip":
-            x = normalize_rows(x)
+        return normalize_rows(x) if self.spec.metric == "ip" else x
+
+    def stream_sample(self, n: int, seed: int) -> np.ndarray:
+        """A uniform sample of n rows from the first batches of epoch 0, which are kept
+        for the first steps: seeding reads nothing extra and skips no row."""
+        self.start_epoch(0)
+        held, rows = [], 0
+        while rows < n and (x := self._next_rows()) is not None:
+            held.append(x)
+            rows += len(x)
+        self._pending = held
+        if not held:
+            return np.empty((0, self.settings.dim), np.float32)
+        pool = np.concatenate(held)
+        pick = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
+        return np.asarray(pool[np.sort(pick)], np.float32)
+
+    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats:
+        """Statistics of this worker's next mini-batch; zeros once its split is done."""
+        x = self._next_rows()
+        if x is None:
+            k, d = centroids.shape
+            return PartialStats.zeros(k, d)
         return partial_stats(x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
 
 
@@ -253,7 +290,10 @@ class RayStreamingData(RayShardedData):
 
         self.plan, self.settings, self.spec = plan, settings, spec
         self.assignment = []
-        dataset = embedding_dataset(plan, settings, with_ids=False).randomize_block_order(seed=seed)
+        # Small read tasks in a seeded random order: batches mix many files early on.
+        dataset = embedding_dataset(
+            plan, settings, with_ids=False, shuffle_seed=seed, rows_per_task=4 * spec.batch_rows
+        )
         self.splits = dataset.streaming_split(workers, equal=True)
         self.actors = [self._start([], stream=split) for split in self.splits]
         self.infos = []  # rows are validated (and skipped) by the stream's read tasks
@@ -262,15 +302,14 @@ class RayStreamingData(RayShardedData):
         return self.plan.total_rows
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        wanted = sample_indices(self.plan.total_rows, n, seed)
-        task = ray.remote(_read_sample).options(num_cpus=1)
-        refs = []
-        for f in self.plan.files:
-            mine = wanted[(wanted >= f.offset) & (wanted < f.offset + f.rows)]
-            if len(mine):
-                refs.append(task.remote(f, mine - f.offset, self.settings))
-        sample = np.concatenate(ray.get(refs))
-        return normalize_rows(sample) if self.spec.metric == "ip" else sample
+        """Seeding sample from the first batches of the (block-shuffled) stream.
+
+        Unlike the in-memory workers' sample this depends on the worker count, as every
+        mini-batch result does; a uniform sample would cost a full read of the input.
+        """
+        per_worker = -(-n // len(self.actors))
+        parts = ray.get([a.stream_sample.remote(per_worker, seed) for a in self.actors])
+        return np.concatenate(parts)[:n]
 
     def start_epoch(self, epoch: int) -> None:
         ray.get([a.start_epoch.remote(epoch) for a in self.actors])
@@ -279,10 +318,6 @@ class RayStreamingData(RayShardedData):
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         stats = tree_reduce([a.next_batch_stats.remote(ref) for a in self.actors])
         return stats if stats.n else None
-
-
-def _read_sample(file, local_rows: np.ndarray, settings: ReadSettings) -> np.ndarray:
-    return np.asarray(read_rows(file, local_rows, settings), np.float32)
 
 
 def _in_shards(rows: np.ndarray, shards: list[Shard]) -> np.ndarray:

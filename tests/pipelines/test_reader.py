@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.demo import write_parquet_shards
 from pipelines.errors import InputError
-from pipelines.reader import ReadSettings, iter_batches, make_plan, read_rows
+from pipelines.reader import ReadSettings, iter_batches, make_plan
 
 SETTINGS = ReadSettings()
 
@@ -110,8 +110,6 @@ def test_npy_shards_use_global_row_numbers(tmp_path):
     got, ids, _ = read_all(plan)
     np.testing.assert_array_equal(got, np.concatenate(parts))
     np.testing.assert_array_equal(ids.to_numpy(), np.arange(75))
-    rows = read_rows(plan.files[1], np.array([0, 44]), ReadSettings(dim=5))
-    np.testing.assert_array_equal(rows, parts[2][[0, 44]])
 
 
 def test_hidden_and_underscore_files_are_ignored(shards):

@@ -1,0 +1,28 @@
+"""Run every benchmark in turn, each in its own process (each starts its own Ray).
+
+    python -m bench.all        (or: make bench)
+
+Results land in bench/out/*.json; the README quotes them with the command that made them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ["bench.lloyd", "bench.minibatch", "bench.label"]
+
+
+def main() -> int:
+    failed = []
+    for name in BENCHMARKS:
+        print(f"== python -m {name}", flush=True)
+        if subprocess.run([sys.executable, "-m", name]).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
