@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ops.kmeans import ALGORITHMS
+from ops.sinkhorn import DEFAULT_EPSILON
 from pipelines.errors import ConfigError
 from pipelines.reader import BAD_ROW_POLICIES
 
@@ -50,6 +51,20 @@ class RunConfig:
     )
     seed: int = _opt(0, "random seed (same seed, data and workers: same result)", metavar="S")
     spherical: bool = _opt(False, "cosine k-means: unit-normalise rows and centroids")
+    balanced: bool = _opt(False, "balanced labels: Sinkhorn-Knopp equipartition (SeLa, SwAV)")
+    epsilon: float = _opt(
+        DEFAULT_EPSILON, "Sinkhorn entropy, relative to the std of the scores", metavar="X"
+    )
+    sinkhorn_iterations: int = _opt(5000, "Sinkhorn steps at most, over all eps stages")
+    sinkhorn_tol: float = _opt(1e-3, "Sinkhorn stops at this L1 error of the cluster sizes")
+    cluster_proportions: str | None = _opt(
+        None,
+        "target cluster sizes: .npy or JSON list of k weights (default: equal)",
+        metavar="FILE",
+    )
+    score_cache_gb: float = _opt(
+        4.0, "per worker: cache the n x k Sinkhorn scores under this size, else recompute"
+    )
     topk: int = _opt(0, "also write the M nearest labels and distances per row", metavar="M")
     batch_rows: int = _opt(16384, "mini-batch rows per worker per step")
     dtype: str = _opt(
@@ -105,6 +120,10 @@ class RunConfig:
         _require(self.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0")
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
         _require(self.startup_timeout > 0, "--startup-timeout must be > 0")
+        _require(self.epsilon > 0, f"--epsilon must be > 0, got {self.epsilon}")
+        _require(self.sinkhorn_iterations >= 1, "--sinkhorn-iterations must be at least 1")
+        _require(self.sinkhorn_tol > 0, "--sinkhorn-tol must be > 0")
+        _require(self.score_cache_gb >= 0, "--score-cache-gb must be >= 0")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

@@ -1,5 +1,6 @@
-"""``pseudolabel demo``: write a small sharded mixture with ground truth, run the job on
-an embedded local Ray, and print the summary (NMI against the truth included)."""
+"""``pseudolabel demo``: write a small sharded long-tailed mixture with ground truth, run
+the job on an embedded local Ray with balanced labels, and print the summary (sizes and
+NMI against the truth, for the balanced and the nearest-centroid labels)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def run_demo(
         truth_column="truth",
         workers=workers,
         overwrite=True,
+        balanced=True,
+        topk=3,
     )
     manifest = run(config)
     print(text_summary(manifest, config.output), flush=True)

@@ -24,6 +24,7 @@ class FitResult:
     nodes: int
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    data: RayShardedData | None = None  # the workers, when kept for the balance stage
 
 
 def params_of(config: RunConfig) -> KMeansParams:
@@ -59,7 +60,10 @@ def run_fit(
     spec: WorkerSpec,
     workers: int,
     checkpoints: Checkpoints,
+    keep_workers: bool = False,
 ) -> FitResult:
+    """Fit from the last checkpoint. With ``keep_workers`` (and Lloyd, whose workers hold
+    the rows) the workers stay up for the balance stage; the caller shuts them down."""
     params = params_of(config)
     state = checkpoints.latest()
     resumed_from = state.iteration if state else None
@@ -85,6 +89,7 @@ def run_fit(
         )
     else:
         log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), spec.device)
+    kept = False
     try:
         t0 = time.perf_counter()
         if state is None:
@@ -106,8 +111,17 @@ def run_fit(
         seconds["iterations"] = time.perf_counter() - t0
         if state.converged:
             log.info("fit: converged (inertia change below --tol %g)", config.tol)
+        kept = keep_workers and config.algorithm == "lloyd"
         return FitResult(
-            state, init, resumed_from, len(data.actors), nodes, dict(data.skipped), seconds
+            state,
+            init,
+            resumed_from,
+            len(data.actors),
+            nodes,
+            dict(data.skipped),
+            seconds,
+            data if kept else None,
         )
     finally:
-        data.shutdown()
+        if not kept:  # also on any error: no actor outlives a failed fit
+            data.shutdown()

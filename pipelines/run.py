@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import platform
 import time
@@ -12,6 +13,14 @@ from importlib import metadata
 from typing import Any
 
 from ops.metrics import scores, size_stats
+from pipelines.balance import (
+    DUALS,
+    load_balance,
+    manifest_section,
+    run_balance,
+    save_balance,
+    target_proportions,
+)
 from pipelines.cluster import ray_session, size_pools
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError, InputError
@@ -19,7 +28,7 @@ from pipelines.fit import FitResult, fingerprint, run_fit
 from pipelines.label import LabelCounts, LabelPool, LabelSpec, count_labels, label_pass
 from pipelines.output import CENTROIDS, CHECKPOINTS, Checkpoints, RunOutput
 from pipelines.reader import Plan, ReadSettings, make_plan
-from pipelines.shards import WorkerSpec
+from pipelines.shards import RayShardedData, WorkerSpec
 from pipelines.storage import resolve
 
 log = logging.getLogger("pseudolabel")
@@ -92,31 +101,77 @@ def run(config: RunConfig) -> dict[str, Any]:
             max_restarts=config.max_restarts,
             batch_rows=config.batch_rows,
             startup_timeout=config.startup_timeout,
+            threads=sizing.worker_threads,
         )
         checkpoints = Checkpoints(output.root.join(CHECKPOINTS), fingerprint(config, plan))
         with _timed("fit", timings):
-            fitted = run_fit(config, plan, settings, spec, sizing.workers, checkpoints)
-        output.write_array(CENTROIDS, fitted.state.centroids)  # labelers load it
-        counts = _label(config, plan, settings, sizing, output, timings)
-        expected = plan.total_rows - sum(fitted.skipped.values())
-        if fitted.workers and counts.rows != expected:
-            raise RuntimeError(
-                f"label pass wrote {counts.rows} rows, expected {expected}: not committing"
+            fitted = run_fit(
+                config,
+                plan,
+                settings,
+                spec,
+                sizing.workers,
+                checkpoints,
+                keep_workers=config.balanced,
             )
-        manifest = _manifest(config, plan, fitted, counts, timings, sizing)
+        output.write_array(CENTROIDS, fitted.state.centroids)  # labelers load it
+        balance = None
+        if config.balanced:
+            with _timed("balance", timings):
+                balance = _balance(config, plan, settings, spec, sizing, fitted, output)
+        counts = _label(config, plan, settings, sizing, output, timings, balance)
+        written = counts["label"].rows
+        expected = plan.total_rows - sum(fitted.skipped.values())
+        if fitted.workers and written != expected:
+            raise RuntimeError(
+                f"label pass wrote {written} rows, expected {expected}: not committing"
+            )
+        manifest = _manifest(config, plan, fitted, counts, timings, sizing, balance)
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         output.commit(manifest)
-    log.info("done: %d rows labelled into %s", counts.rows, output.labels.url)
+    log.info("done: %d rows labelled into %s", written, output.labels.url)
     return manifest
 
 
-def _label(config, plan, settings, sizing, output: RunOutput, timings) -> LabelCounts:
+def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput):
+    """Sinkhorn on workers that hold the rows (the fit's, or freshly loaded ones), or the
+    checkpointed solution of the same problem. Returns (result, manifest info)."""
+    centroids = fitted.state.centroids
+    q = target_proportions(config)
+    key = {
+        "centroids": hashlib.sha256(centroids.tobytes()).hexdigest(),
+        "proportions": hashlib.sha256(q.tobytes()).hexdigest(),
+        "epsilon": config.epsilon,
+        "tol": config.sinkhorn_tol,
+        "iterations": config.sinkhorn_iterations,
+    }
+    ckpt = output.root.join(CHECKPOINTS)
+    saved = load_balance(ckpt, key)
+    if saved is not None:
+        if fitted.data is not None:
+            fitted.data.shutdown()
+        log.info("balance: solution of this run found in %s; not solving again", ckpt.url)
+        save_balance(output.root, ckpt, saved, key)
+        return saved, {"resumed": True}
+    data = fitted.data or RayShardedData(plan, settings, spec, sizing.workers)
+    try:
+        result, info = run_balance(config, data, centroids, q)
+    finally:
+        data.shutdown()
+    save_balance(output.root, ckpt, result, key)
+    return result, info
+
+
+def _label(config, plan, settings, sizing, output: RunOutput, timings, balance):
     spec = LabelSpec(
         metric="ip" if config.spherical else "l2",
         topk=config.topk,
         id_type=plan.id_type,
         truth_column=config.truth_column,
         device=sizing.device,
+        threads=sizing.label_threads,
+        duals_url=output.root.join(DUALS).url if balance else None,
+        epsilon=balance[0].epsilon if balance else None,
     )
     pool = LabelPool(
         size=sizing.label_workers,
@@ -130,21 +185,35 @@ def _label(config, plan, settings, sizing, output: RunOutput, timings) -> LabelC
         label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging)
     with _timed("publish", timings):
         published = output.publish(staging)
-        return count_labels(published, config.k, truth_column=config.truth_column)
+        columns = ("label", "nearest_label") if balance else ("label",)
+        return count_labels(published, config.k, columns, config.truth_column)
+
+
+def _cluster_section(counts: LabelCounts) -> dict[str, Any]:
+    return {"sizes": counts.sizes.tolist(), "balance": size_stats(counts.sizes)}
 
 
 def _manifest(
-    config: RunConfig, plan: Plan, fitted: FitResult, counts: LabelCounts, timings, sizing
+    config: RunConfig,
+    plan: Plan,
+    fitted: FitResult,
+    counts: dict[str, LabelCounts],
+    timings,
+    sizing,
+    balance,
 ) -> dict[str, Any]:
-    history = fitted.state.history_dicts()
+    label = counts["label"]
     metrics: dict[str, Any] = {
-        "final_inertia": counts.distance_sum,
-        "mean_distance": counts.distance_sum / max(counts.rows, 1),
+        "label_distance_sum": label.distance_sum,
+        "mean_distance": label.distance_sum / max(label.rows, 1),
     }
     if config.truth_column:
-        metrics["truth"] = scores(counts.truth_table())
-    skipped = {"total": plan.total_rows - counts.rows, "by_reason": fitted.skipped}
-    return {
+        metrics["truth"] = {c: scores(n.truth_table()) for c, n in counts.items()}
+    skipped = {"total": plan.total_rows - label.rows, "by_reason": fitted.skipped}
+    clusters = {"k": config.k, **_cluster_section(label)}
+    if "nearest_label" in counts:
+        clusters["nearest"] = _cluster_section(counts["nearest_label"])
+    manifest = {
         "format": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
@@ -167,19 +236,18 @@ def _manifest(
             "workers": fitted.workers,
             "nodes": fitted.nodes,
             "device": sizing.device,
-            "history": history,
+            "history": fitted.state.history_dicts(),
             "seconds": {k: round(v, 3) for k, v in fitted.seconds.items()},
         },
-        "clusters": {
-            "k": config.k,
-            "sizes": counts.sizes.tolist(),
-            "balance": size_stats(counts.sizes),
-        },
-        "rows": {"input": plan.total_rows, "output": counts.rows, "skipped": skipped},
+        "clusters": clusters,
+        "rows": {"input": plan.total_rows, "output": label.rows, "skipped": skipped},
         "metrics": metrics,
         "timings": dict(timings),
         "versions": versions(),
     }
+    if balance is not None:
+        manifest["balance"] = manifest_section(config, *balance)
+    return manifest
 
 
 def versions() -> dict[str, str]:

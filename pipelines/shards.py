@@ -26,6 +26,7 @@ import ray
 
 from ops.assign import CentroidIndex, normalize_rows
 from ops.dataset import sample_indices
+from ops.sinkhorn import RowBlock
 from ops.stats import PartialStats, partial_stats, reduce_stats
 from pipelines.errors import InputError, PseudolabelError, ResourceError
 from pipelines.reader import Plan, ReadSettings, Shard, iter_batches
@@ -126,6 +127,32 @@ class ShardWorker:
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
         return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
+
+    # -- Sinkhorn: the row side of the balanced assignment (ops.sinkhorn.RowBlock) --
+    # Every call carries what the block needs (centroids, beta, eps, a stage token), so
+    # an actor that Ray restarted, which has lost its block, rebuilds it and answers.
+
+    def _block(self, problem: dict, stage: tuple | None) -> RowBlock:
+        block = getattr(self, "_row_block", None)
+        if block is None:
+            c = problem["centroids"]
+            cache = 2 * len(self.x) * len(c) * 4 <= problem["cache_bytes"]
+            block = RowBlock(self.x, c, self.spec.metric, problem["rows"], cache=cache)
+            self._row_block, self._stage = block, None
+        if stage is not None and stage[0] != self._stage:
+            block.prepare(stage[1], stage[2])
+            self._stage = stage[0]
+        return block
+
+    def sinkhorn_moments(self, problem: dict) -> tuple[np.ndarray, bool]:
+        block = self._block(problem, None)
+        return block.score_moments(), block.S is not None
+
+    def sinkhorn_column_sums(self, v: np.ndarray, problem: dict, stage: tuple) -> np.ndarray:
+        return self._block(problem, stage).column_sums(v)
+
+    def sinkhorn_release(self) -> None:
+        self._row_block = None
 
     def start_epoch(self, epoch: int) -> None:
         """Begin pulling this worker's split for ``epoch`` (a no-op if already begun)."""
@@ -274,6 +301,44 @@ class RayShardedData:
         deadline = time.monotonic() + 10
         while ray.available_resources().get("CPU", 0) < freed and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class SinkhornShards:
+    """``ops.sinkhorn.RowShards`` over the actors: the row work stays on the workers and
+    only k-vectors travel (beta and v out, column sums back), summed in worker order."""
+
+    def __init__(self, data: RayShardedData, centroids: np.ndarray, cache_bytes: float):
+        self.actors = data.actors
+        self.problem = {
+            "centroids": np.ascontiguousarray(centroids, np.float32),
+            "rows": data.count(),
+            "cache_bytes": cache_bytes,
+        }
+        self.problem_ref = ray.put(self.problem)  # once; each step sends only k numbers
+        self.stage: tuple = (0, np.zeros(len(centroids)), 1.0)
+        self.cached: list[bool] = []
+
+    def score_moments(self) -> np.ndarray:
+        problem = self.problem_ref
+        parts = ray.get([a.sinkhorn_moments.remote(problem) for a in self.actors])
+        self.cached = [cached for _, cached in parts]
+        return np.sum([m for m, _ in parts], axis=0)
+
+    def prepare(self, beta: np.ndarray, eps: float) -> None:
+        self.stage = (self.stage[0] + 1, np.array(beta, np.float64), float(eps))
+
+    def column_sums(self, v: np.ndarray) -> np.ndarray:
+        problem = self.problem_ref
+        parts = ray.get(
+            [a.sinkhorn_column_sums.remote(v, problem, self.stage) for a in self.actors]
+        )
+        total = parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        return total
+
+    def release(self) -> None:
+        ray.get([a.sinkhorn_release.remote() for a in self.actors])
 
 
 class RayStreamingData(RayShardedData):

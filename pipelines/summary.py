@@ -7,7 +7,7 @@ from typing import Any
 
 def text_summary(manifest: dict[str, Any], output_url: str) -> str:
     fit, rows, clusters = manifest["fit"], manifest["rows"], manifest["clusters"]
-    balance, metrics, t = clusters["balance"], manifest["metrics"], manifest["timings"]
+    metrics, t = manifest["metrics"], manifest["timings"]
     state = "converged" if fit["converged"] else "iteration limit"
     resumed = fit.get("resumed_from_iteration")
     lines = [
@@ -17,15 +17,29 @@ def text_summary(manifest: dict[str, Any], output_url: str) -> str:
         + ")",
         f"  output     {output_url}  ({rows['output']} labelled rows, "
         f"{rows['skipped']['total']} skipped)",
-        f"  objective  {metrics['final_inertia']:.6e}  "
-        f"(mean squared distance {metrics['mean_distance']:.4g})",
-        f"  sizes      {balance['min']}..{balance['max']}  max/min {balance['max_over_min']:.2f}"
-        f"  imbalance {balance['imbalance_factor']:.3f}  empty {balance['empty']}",
+        f"  distance   mean squared distance to the label's centroid "
+        f"{metrics['mean_distance']:.4g}",
     ]
-    if "truth" in metrics:
-        s = metrics["truth"]
+    named = [("label", clusters)]
+    if "nearest" in clusters:
+        named = [("balanced", clusters), ("nearest", clusters["nearest"])]
+    for name, section in named:
+        b = section["balance"]
+        lines.append(
+            f"  sizes      {b['min']}..{b['max']}  max/min {b['max_over_min']:.2f}"
+            f"  imbalance {b['imbalance_factor']:.3f}  empty {b['empty']}"
+            + (f"  ({name})" if len(named) > 1 else "")
+        )
+    if "balance" in manifest:
+        s = manifest["balance"]
+        lines.append(
+            f"  sinkhorn   {s['iterations']} steps, cluster-size error {s['marginal_error']:.1e}"
+            f", eps {s['epsilon']:.3g} ({s['epsilon_relative']:g} x score std)"
+        )
+    for column, s in metrics.get("truth", {}).items():
         lines.append(
             f"  vs truth   NMI {s['nmi']:.4f}  ARI {s['ari']:.4f}  accuracy {s['accuracy']:.4f}"
+            + (f"  ({column})" if len(metrics["truth"]) > 1 else "")
         )
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
     lines.append(f"  time       {stages}; total {t.get('total', 0):.1f} s")

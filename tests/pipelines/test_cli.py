@@ -15,7 +15,7 @@ from pipelines.demo import write_parquet_shards
 
 BIN = Path(sys.executable).parent
 DESIGN_FLAGS = [
-    "--input", "--output", "--k", "--algorithm", "--iterations", "--spherical",
+    "--input", "--output", "--k", "--algorithm", "--iterations", "--balanced", "--spherical",
     "--workers", "--gpus-per-worker", "--topk", "--seed", "--id-column", "--embedding-column",
     "--config",
 ]  # fmt: skip
@@ -75,7 +75,10 @@ def test_config_errors_before_any_work(tmp_path, args):
 def test_demo(tmp_path):
     result = pseudolabel("demo", "--dir", str(tmp_path), "--rows", "20000", "--k", "8")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "vs truth   NMI" in result.stdout
-    nmi = float(result.stdout.split("NMI")[1].split()[0])
-    assert nmi > 0.9
+    lines = result.stdout.splitlines()
+    nearest = next(line for line in lines if "NMI" in line and "(nearest_label)" in line)
+    assert float(nearest.split("NMI")[1].split()[0]) > 0.9
+    balanced = next(line for line in lines if "sizes" in line and "(balanced)" in line)
+    assert float(balanced.split("max/min")[1].split()[0]) <= 1.2
     assert (tmp_path / "run" / "_SUCCESS").exists()
+    assert (tmp_path / "run" / "duals.npy").exists()

@@ -53,7 +53,7 @@ def test_contracted_output(ray_local, small_dataset, tmp_path):
     }
     assert sum(manifest["clusters"]["sizes"]) == 6000
     assert manifest["fit"]["history"][0]["iteration"] == 1
-    assert manifest["metrics"]["truth"]["nmi"] > 0.9
+    assert manifest["metrics"]["truth"]["label"]["nmi"] > 0.9
     assert set(manifest["timings"]) >= {"plan", "fit", "label", "publish", "total"}
     assert {"ray", "faiss-cpu", "numpy", "pyarrow", "torch"} <= set(manifest["versions"])
     assert manifest["config"]["k"] == 12
@@ -101,7 +101,7 @@ def test_minibatch_and_spherical_end_to_end(ray_local, small_dataset, tmp_path):
         )
     )
     assert m["fit"]["algorithm"] == "minibatch" and m["rows"]["output"] == 6000
-    assert m["metrics"]["truth"]["nmi"] > 0.9
+    assert m["metrics"]["truth"]["label"]["nmi"] > 0.9
     s = run(fast_config(input=str(root), output=str(tmp_path / "sph"), spherical=True))
     c = np.load(tmp_path / "sph" / "centroids.npy")
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
