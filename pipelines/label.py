@@ -15,7 +15,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +23,9 @@ import ray.data
 
 from ops.assign import normalize_rows
 from ops.balanced import BalancedAssigner
+from pipelines.cluster import thread_env
 from pipelines.datasource import embedding_dataset
+from pipelines.errors import InputError
 from pipelines.output import load_npy
 from pipelines.reader import Plan, ReadSettings
 from pipelines.storage import Location, resolve
@@ -55,8 +56,6 @@ class Labeler:
         if spec.duals_url:  # beta = eps log v, in score units
             beta = load_npy(resolve(spec.duals_url, storage_options)) * spec.epsilon
         self.spec = spec
-        if spec.threads:
-            faiss.omp_set_num_threads(spec.threads)
         self.assigner = BalancedAssigner(centroids, spec.metric, beta, spec.epsilon, spec.device)
         self.id_type = _arrow_type(spec.id_type)
 
@@ -122,6 +121,7 @@ def label_pass(
         compute=ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
+        runtime_env=thread_env(spec.threads),
     )
     labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
 
@@ -184,3 +184,44 @@ def _count_file(loc: Location, k: int, columns: tuple[str, ...], truth_column: s
             pairs.update(zip(labels.tolist(), truths, strict=True))
         out[column] = (len(labels), np.bincount(labels, minlength=k), pairs, distance)
     return out
+
+
+def drop_duplicate_ids(files: list[Location], on_bad_rows: str) -> int:
+    """Find ids that occur more than once in the staged label files (before publish).
+
+    ``error``: an InputError with examples. ``skip``: the later occurrences (in file,
+    then row order) are dropped by rewriting the affected files; returns their count.
+    """
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        columns = list(pool.map(lambda f: _read_column(f, "id"), files))
+    if not columns:
+        return 0
+    ids = pa.concat_arrays([c.combine_chunks() for c in columns])
+    values = ids.to_numpy(zero_copy_only=False)
+    _, first = np.unique(values, return_index=True)
+    if len(first) == len(values):
+        return 0
+    keep = np.zeros(len(values), bool)
+    keep[first] = True
+    dropped = int((~keep).sum())
+    if on_bad_rows != "skip":
+        examples = sorted({str(v) for v in values[~keep][:5]})
+        raise InputError(
+            f"duplicate ids: {dropped} rows repeat an id already seen (e.g. {examples}); "
+            "use --on-bad-rows skip to keep the first occurrence of each"
+        )
+    start = 0
+    for f, column in zip(files, columns, strict=True):
+        mask = keep[start : start + len(column)]
+        start += len(column)
+        if not mask.all():
+            with f.open() as fh:
+                table = pq.read_table(fh)
+            with f.open("wb") as fh:
+                pq.write_table(table.filter(pa.array(mask)), fh)
+    return dropped
+
+
+def _read_column(loc: Location, column: str) -> pa.ChunkedArray:
+    with loc.open() as f:
+        return pq.read_table(f, columns=[column]).column(column)

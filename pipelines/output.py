@@ -2,6 +2,7 @@
 
     labels/*.parquet   published by moving files out of _staging/<attempt>/
     centroids.npy      (k, d) float32, no pickle
+    duals.npy          with --balanced: (k,) log-duals of the Sinkhorn plan
     manifest.json
     _SUCCESS           written last: nothing is done before it exists (invariant 5)
     _checkpoints/      iteration state for resuming; kept after success
@@ -28,6 +29,7 @@ log = logging.getLogger("pseudolabel")
 
 LABELS, STAGING, CHECKPOINTS = "labels", "_staging", "_checkpoints"
 CENTROIDS, MANIFEST, SUCCESS = "centroids.npy", "manifest.json", "_SUCCESS"
+DUALS, REPORT = "duals.npy", "report.html"
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -59,7 +61,7 @@ class RunOutput:
     def clear(self) -> None:
         """Remove a previous run entirely, _SUCCESS first, so no stale marker survives."""
         self.root.join(SUCCESS).remove()
-        for name in (MANIFEST, CENTROIDS, LABELS, STAGING, CHECKPOINTS):
+        for name in (MANIFEST, CENTROIDS, DUALS, REPORT, LABELS, STAGING, CHECKPOINTS):
             self.root.join(name).remove()
 
     def new_staging(self) -> Location:
@@ -67,11 +69,11 @@ class RunOutput:
         self.root.join(STAGING).remove()
         return self.root.join(STAGING, uuid.uuid4().hex)
 
-    def publish(self, staging: Location) -> list[Location]:
+    def publish(self, staged: list[Location]) -> list[Location]:
         """Move the staged label files into labels/, replacing whatever was there."""
         self.labels.remove()
         published = []
-        for i, f in enumerate(staging.files([".parquet"])):
+        for i, f in enumerate(staged):
             dest = self.labels.join(f"part-{i:05d}.parquet")
             f.move_to(dest)
             published.append(dest)

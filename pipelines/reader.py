@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.errors import InputError
-from pipelines.storage import Location, resolve
+from pipelines.storage import Location, is_transport_error, resolve, storage_errors
 
 SUFFIXES = {".parquet": "parquet", ".npy": "npy"}
 NPY_BLOCK_ROWS = 65536  # .npy files are read (and split) in blocks of this many rows
@@ -72,13 +72,15 @@ class Shard:
 
 @dataclass
 class Batch:
-    """Validated rows of one block. ``rows`` are global row numbers."""
+    """Validated rows of one block. ``rows`` are global row numbers; ``covered`` counts
+    the file rows the block accounts for, kept or skipped."""
 
     x: np.ndarray  # (n, d)
     rows: np.ndarray  # (n,) int64
     ids: pa.Array | None
     extra: dict[str, pa.Array]
     skipped: Counter
+    covered: int = 0
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Plan:
     value_type: str  # float16 | float32 | float64, as stored
     id_type: str  # Arrow type of the ids, or "int64" for row numbers
     empty_files: list[str] = field(default_factory=list)
+    skipped_files: list[dict] = field(default_factory=list)  # url, reason, rows (if known)
 
     @property
     def total_rows(self) -> int:
@@ -141,9 +144,16 @@ def _cut(units: list[Shard], more: Any) -> list[Shard]:
 
 
 def make_plan(input_url: str, settings: ReadSettings) -> Plan:
-    """List the input and read its metadata; no embedding is read for fixed-size types."""
+    """List the input and read its metadata; no embedding is read for fixed-size types.
+
+    A file that cannot be used (unreadable, wrong types, a dimension or id type that
+    disagrees with the files holding most rows) is an error, or with
+    ``on_bad_rows="skip"`` a skipped file recorded in ``Plan.skipped_files``.
+    """
     root = resolve(input_url, settings.storage_options)
-    files = root.files(SUFFIXES)
+    root.check_readable()
+    with storage_errors(root.url):
+        files = root.files(SUFFIXES)
     if not files:
         raise InputError(f"no .parquet or .npy files under {root.url}")
     kinds = {SUFFIXES[_suffix(f.url)] for f in files}
@@ -151,31 +161,68 @@ def make_plan(input_url: str, settings: ReadSettings) -> Plan:
         raise InputError(f"{root.url} mixes .parquet and .npy files; use one format")
     fmt = kinds.pop()
     probe = _probe_parquet if fmt == "parquet" else _probe_npy
+
+    def probe_or_skip(loc: Location) -> dict:
+        try:
+            with storage_errors(loc.url):
+                return probe(loc, settings)
+        except InputError as e:
+            if settings.on_bad_rows != "skip":
+                raise
+            return {"url": loc.url, "skip": str(e), "rows": 0}
+
     with ThreadPoolExecutor(max_workers=16) as pool:
-        infos = list(pool.map(lambda loc: probe(loc, settings), files))
-    return _assemble(root.url, fmt, infos)
+        infos = list(pool.map(probe_or_skip, files))
+    skipped = [{"url": i["url"], "reason": i["skip"], "rows": None} for i in infos if "skip" in i]
+    return _assemble(root.url, fmt, [i for i in infos if "skip" not in i], skipped, settings)
 
 
 def _suffix(url: str) -> str:
     return next(s for s in SUFFIXES if url.endswith(s))
 
 
-def _assemble(input_url: str, fmt: str, infos: list[dict]) -> Plan:
+def _majority(infos: list[dict], key: str, skipped: list[dict], settings: ReadSettings):
+    """The value of ``key`` held by most rows; files that differ are an error, or skipped."""
+    votes: Counter = Counter()
+    for info in infos:
+        if info[key] is not None:
+            votes[info[key]] += info["rows"]
+    if len(votes) <= 1:
+        return infos
+    winner = votes.most_common(1)[0][0]
+    odd = [i for i in infos if i[key] is not None and i[key] != winner]
+    if settings.on_bad_rows != "skip":
+        first = next(i for i in infos if i[key] == winner)
+        name = {"dim": "dimensions", "id_type": "id types"}[key]
+        raise InputError(
+            f"mixed {name}: {first['url']} has {key.replace('_', ' ')} {first[key]} "
+            f"but {odd[0]['url']} has {key.replace('_', ' ')} {odd[0][key]}"
+        )
+    for i in odd:
+        skipped.append(
+            {
+                "url": i["url"],
+                "rows": i["rows"],
+                "reason": f"{key.replace('_', ' ')} {i[key]}, not {winner}",
+            }
+        )
+    return [i for i in infos if i not in odd]
+
+
+def _assemble(
+    input_url: str, fmt: str, infos: list[dict], skipped: list[dict], settings: ReadSettings
+) -> Plan:
     nonempty = [i for i in infos if i["rows"] > 0]
     if not nonempty:
-        raise InputError(f"{input_url}: all {len(infos)} files are empty (zero rows)")
+        raise InputError(
+            f"{input_url}: no rows to read: "
+            f"{len(infos)} files are empty and {len(skipped)} unusable"
+            if skipped
+            else f"{input_url}: all {len(infos)} files are empty (zero rows)"
+        )
+    nonempty = _majority(nonempty, "dim", skipped, settings)
+    nonempty = _majority(nonempty, "id_type", skipped, settings)
     first = nonempty[0]
-    for info in nonempty[1:]:
-        if info["dim"] is not None and first["dim"] is not None and info["dim"] != first["dim"]:
-            raise InputError(
-                f"mixed dimensions: {first['url']} has dim {first['dim']} "
-                f"but {info['url']} has dim {info['dim']}"
-            )
-        if info["id_type"] != first["id_type"]:
-            raise InputError(
-                f"mixed id types: {first['url']} has {first['id_type']} "
-                f"but {info['url']} has {info['id_type']}"
-            )
     dim = next((i["dim"] for i in nonempty if i["dim"] is not None), None)
     if dim is None:
         dim = first["first_len"]()
@@ -202,6 +249,7 @@ def _assemble(input_url: str, fmt: str, infos: list[dict]) -> Plan:
         widest.name,
         first["id_type"],
         [i["url"] for i in infos if i["rows"] == 0],
+        skipped,
     )
 
 
@@ -321,48 +369,94 @@ def _storage(arr: pa.Array) -> pa.Array:
 
 
 def iter_batches(shard: Shard, settings: ReadSettings, with_ids: bool = True) -> Iterator[Batch]:
-    """Validated batches of a shard, one per row group (or .npy block)."""
+    """Validated batches of a shard, one per row group (or .npy block).
+
+    A block that cannot be read (corrupt or truncated data), or a file that vanished
+    since planning, is an error naming the file; with ``on_bad_rows="skip"`` those rows
+    are counted instead, block by block, so every pass over the same files skips the
+    same rows however the files were cut into shards.
+    """
     loc = resolve(shard.file.url, settings.storage_options)
+    blocks = _npy_blocks if shard.file.fmt == "npy" else _parquet_blocks
+    covered = 0
     try:
-        if shard.file.fmt == "npy":
-            yield from _iter_npy(loc, shard, settings)
-        else:
-            yield from _iter_parquet(loc, shard, settings, with_ids)
+        for rows, read in blocks(loc, shard, settings, with_ids):
+            try:
+                batch = read()
+            except (pa.ArrowException, OSError, ValueError, EOFError) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                batch = _unreadable(shard, settings, rows, _problem(shard, e), with_ids)
+            covered += rows
+            yield batch
     except FileNotFoundError:
-        raise InputError(f"{shard.file.url}: file disappeared after planning") from None
+        problem = "file disappeared after planning"
+        yield _unreadable(shard, settings, shard.rows - covered, problem, with_ids)
+    except (pa.ArrowException, OSError, ValueError) as e:  # the file itself: footer, header
+        yield _unreadable(shard, settings, shard.rows - covered, _problem(shard, e), with_ids)
 
 
-def _iter_parquet(loc: Location, shard: Shard, settings: ReadSettings, with_ids: bool):
+def _problem(shard: Shard, e: BaseException) -> str:
+    if is_transport_error(e):
+        with storage_errors(shard.file.url):
+            raise e
+    return f"corrupt or truncated file ({_first_line(e)})"
+
+
+def _unreadable(shard: Shard, settings: ReadSettings, rows: int, problem: str, with_ids: bool):
+    """An error naming the file, or (skip) an empty batch that counts ``rows``."""
+    if settings.on_bad_rows != "skip":
+        raise InputError(f"{shard.file.url}: {problem}; use --on-bad-rows skip to skip its rows")
+    return Batch(
+        np.empty((0, settings.dim), settings.dtype),
+        np.empty(0, np.int64),
+        pa.array([], pa.int64()) if with_ids else None,
+        {},
+        Counter({problem.split(" (")[0]: rows}),
+        rows,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _parquet_blocks(loc: Location, shard: Shard, settings: ReadSettings, with_ids: bool):
+    """(rows, read) per row group in the shard; opening the file may raise."""
     columns = [settings.embedding_column, *settings.extra_columns]
     if with_ids and settings.id_column:
         columns.insert(0, settings.id_column)
     edges = np.cumsum((0, *shard.file.blocks))
     with loc.open() as f:
-        try:
-            pf = pq.ParquetFile(f)
-            for g in range(len(shard.file.blocks)):
-                if not shard.start <= edges[g] < shard.stop:
-                    continue
-                table = pf.read_row_group(g, columns=columns)
-                yield table_to_batch(table, shard.file, int(edges[g]), settings, with_ids)
-        except (pa.ArrowException, OSError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise InputError(f"{shard.file.url}: corrupt or truncated parquet ({e})") from None
+        pf = pq.ParquetFile(f)
+        for g in range(len(shard.file.blocks)):
+            if shard.start <= edges[g] < shard.stop:
+
+                def read(g=g) -> Batch:
+                    table = pf.read_row_group(g, columns=columns)
+                    return table_to_batch(table, shard.file, int(edges[g]), settings, with_ids)
+
+                yield int(shard.file.blocks[g]), read
 
 
-def _iter_npy(loc: Location, shard: Shard, settings: ReadSettings):
+def _npy_blocks(loc: Location, shard: Shard, settings: ReadSettings, with_ids: bool):
     dtype = np.dtype(shard.file.npy_dtype)
     row_bytes = dtype.itemsize * settings.dim
     with loc.open() as f:
-        f.seek(shard.file.npy_header + shard.start * row_bytes)
         for start in range(shard.start, shard.stop, NPY_BLOCK_ROWS):
             n = min(NPY_BLOCK_ROWS, shard.stop - start)
-            buf = f.read(n * row_bytes)
-            if len(buf) != n * row_bytes:
-                raise InputError(f"{shard.file.url}: truncated .npy: rows from {start} are missing")
-            x = np.frombuffer(buf, dtype=dtype).reshape(n, settings.dim)
-            yield _validated(x, None, {}, shard.file, start, settings)
+
+            def read(start=start, n=n) -> Batch:
+                f.seek(shard.file.npy_header + start * row_bytes)
+                buf = f.read(n * row_bytes)
+                if len(buf) != n * row_bytes:
+                    raise EOFError(f"truncated .npy: rows from {start} are missing")
+                x = np.frombuffer(buf, dtype=dtype).reshape(n, settings.dim)
+                batch = _validated(x, None, {}, shard.file, start, settings)
+                batch.covered = n
+                return batch
+
+            yield n, read
 
 
 def table_to_batch(
@@ -379,8 +473,8 @@ def table_to_batch(
     if with_ids and settings.id_column:
         ids = table.column(settings.id_column).combine_chunks()
         bad["null id"] = ids.is_null().to_numpy(zero_copy_only=False)
-        if pa.types.is_large_string(ids.type):
-            ids = ids.cast(pa.string())
+        if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+            bad["id is not valid UTF-8"] = _invalid_utf8(ids)
     broken = np.logical_or.reduce(list(bad.values()))
     if broken.any():
         _raise_or_count(bad, file, row0, settings)
@@ -388,12 +482,33 @@ def table_to_batch(
         arr = arr.filter(keep)
         ids = ids.filter(keep) if ids is not None else None
         table = table.filter(keep)
+    if ids is not None and pa.types.is_large_string(ids.type):
+        ids = ids.cast(pa.string())  # after the filter: only valid UTF-8 is left
     values = arr.flatten().to_numpy(zero_copy_only=False)
     x = values.reshape(-1, settings.dim)
     extra = {c: table.column(c).combine_chunks() for c in settings.extra_columns}
     batch = _validated(x, ids, extra, file, row0, settings, kept=np.flatnonzero(~broken))
     batch.skipped.update({k: int(v.sum()) for k, v in bad.items() if v.any()})
+    batch.covered = len(broken)
     return batch
+
+
+def _invalid_utf8(ids: pa.Array) -> np.ndarray:
+    """Rows whose string id is not valid UTF-8 (parquet does not enforce it)."""
+    try:
+        ids.validate(full=True)
+        return np.zeros(len(ids), bool)
+    except pa.ArrowInvalid:
+        raw = ids.cast(pa.binary()).to_pylist()
+        return np.array([v is not None and not _utf8(v) for v in raw])
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _validated(

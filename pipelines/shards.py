@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import ray
 
@@ -28,6 +27,7 @@ from ops.assign import CentroidIndex, normalize_rows
 from ops.dataset import sample_indices
 from ops.sinkhorn import RowBlock
 from ops.stats import PartialStats, partial_stats, reduce_stats
+from pipelines.cluster import thread_env
 from pipelines.errors import InputError, PseudolabelError, ResourceError
 from pipelines.reader import Plan, ReadSettings, Shard, iter_batches
 
@@ -57,14 +57,13 @@ class ShardWorker:
         # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
         # so the actor is ready while the driver seeds; its first use waits if needed.
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-        if spec.threads:
-            faiss.omp_set_num_threads(spec.threads)
         self.spec = spec
         self.settings = settings
         self.stream = stream
         self.skipped: Counter = Counter()
         self._batches = None
         self._pending: list[np.ndarray] = []  # batches read for seeding, not yet used
+        self.device_rows = None  # rows on the GPU, for --gpus-per-worker
         self._epoch: int | None = None
         # A constructor exception reaches the driver only as "actor died": keep it and
         # raise it from info(), where it arrives as itself (file, row, column).
@@ -84,7 +83,9 @@ class ShardWorker:
         rows = np.empty(n, np.int64)
         filled = 0
         for shard in shards:
-            for batch in iter_batches(shard, self.settings, with_ids=False):
+            # The same columns as the label pass reads (ids too, though unused here), so
+            # both passes meet the same bad rows and skip the same ones.
+            for batch in iter_batches(shard, self.settings):
                 m = len(batch.x)
                 x[filled : filled + m] = batch.x
                 rows[filled : filled + m] = batch.rows
@@ -94,6 +95,17 @@ class ShardWorker:
         if self.spec.metric == "ip":
             self._reject_zero_rows()
             self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
+        self.device_rows = None
+        if self.spec.device == "cuda":  # rows stay on the GPU for every iteration
+            from ops.gpu import DeviceRows, backend
+
+            self.device_rows = DeviceRows(self.x, "cuda")
+            log.info(
+                "worker: %d rows on the GPU in %s (search: %s)",
+                len(self.x),
+                self.device_rows.dtype,
+                backend(),
+            )
 
     def _reject_zero_rows(self) -> None:
         norms = np.einsum("ij,ij->i", self.x, self.x, dtype=np.float64)
@@ -116,6 +128,7 @@ class ShardWorker:
             "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "pid": os.getpid(),
             "device": self.spec.device,
+            "rows_dtype": self.device_rows.dtype if self.device_rows else str(self.x.dtype),
         }
 
     def rows_at(self, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +139,8 @@ class ShardWorker:
         return self.rows[hit], np.asarray(self.x[hit], np.float32)
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+        if self.device_rows is not None:
+            return self.device_rows.partial_stats(centroids, self.spec.metric)
         return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
 
     # -- Sinkhorn: the row side of the balanced assignment (ops.sinkhorn.RowBlock) --
@@ -260,6 +275,7 @@ class RayShardedData:
             max_restarts=self.spec.max_restarts,
             max_task_retries=self.spec.max_restarts,
             scheduling_strategy="SPREAD",
+            runtime_env=thread_env(self.spec.threads),
         )
         return actor.remote(shards, self.settings, self.spec, stream)
 

@@ -3,6 +3,12 @@
 Credentials reach s3fs the standard AWS way (environment, profile, instance role) or
 through ``storage_options`` (endpoint_url for MinIO or Ceph, key, secret). A ``Location``
 prints as its URL only, so options never reach a log line or an error message.
+
+Failures: transient ones (503, SlowDown, timeouts, dropped connections) are retried
+with backoff by botocore and s3fs, within the bounded timeouts set here; permanent ones
+(a missing bucket, refused credentials, an endpoint that does not answer) surface as one
+``StorageError`` naming the URL, which ``check_readable``/``check_writable`` raise before
+any Ray work starts.
 """
 
 from __future__ import annotations
@@ -10,14 +16,24 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 
-from pipelines.errors import InputError
+from pipelines.errors import InputError, StorageError
+
+# S3 defaults, each overridable through storage_options["config_kwargs"]: a connection
+# attempt gives up after 5 s, a read after 60 s, and botocore makes 4 attempts in all
+# ("standard" mode: exponential backoff with jitter, throttling and 5xx retried).
+S3_CONFIG = {
+    "connect_timeout": 5,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 4, "mode": "standard"},
+}
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,27 @@ class Location:
         else:
             self.fs.mv(self.path, dest.path)
 
+    def check_readable(self) -> None:
+        """Fail fast, with a clear message, when the input cannot be listed."""
+        with storage_errors(self.url):
+            if not self.fs.exists(self.path):
+                bucket = self.path.split("/", 1)[0]
+                if not self.is_local and not self.fs.exists(bucket):
+                    raise StorageError(f"{self.url}: bucket {bucket!r} does not exist")
+                raise InputError(f"{self.url} does not exist")
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object: credentials, bucket and endpoint are checked
+        here, in seconds, instead of deep inside a Ray Data write."""
+        probe = self.join(f"_probe-{uuid.uuid4().hex}")
+        with storage_errors(self.url):
+            try:
+                probe.write_bytes(b"")
+            except FileNotFoundError:
+                bucket = self.path.split("/", 1)[0]
+                raise StorageError(f"{self.url}: bucket {bucket!r} does not exist") from None
+            probe.remove()
+
     def arrow_fs(self) -> pafs.FileSystem:
         """A pyarrow filesystem over the same fsspec one, for Ray Data's writers."""
         if self.is_local:
@@ -121,6 +158,8 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> Location
     options = dict(storage_options or {})
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
+    if url.startswith(("s3://", "s3a://")):
+        options["config_kwargs"] = {**S3_CONFIG, **options.get("config_kwargs", {})}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as e:
@@ -129,6 +168,54 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> Location
         path = os.path.abspath(path)
         url = path
     return Location(url.rstrip("/") or url, fs, path.rstrip("/") or path)
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn the store's permanent failures into one StorageError naming ``url``.
+
+    Messages come from the exception type and the store's error code only: never from
+    the storage options, so no credential can reach a log line.
+    """
+    try:
+        yield
+    except (InputError, StorageError):
+        raise
+    except PermissionError:
+        raise StorageError(
+            f"{url}: access denied: check the credentials (AWS_ACCESS_KEY_ID, profile or "
+            "--storage-options) and the bucket policy"
+        ) from None
+    except FileNotFoundError as e:
+        raise StorageError(f"{url}: not found ({_reason(e)})") from None
+    except OSError as e:  # what s3fs raises once its and botocore's retries are spent
+        if is_transport_error(e):
+            raise StorageError(
+                f"{url}: cannot reach the object store ({type(e).__name__}); check the "
+                "endpoint and the network"
+            ) from None
+        raise StorageError(
+            f"{url}: the object store refused, after retries: {_reason(e)}"
+        ) from None
+    except Exception as e:  # botocore / aiohttp connection and timeout errors
+        if is_transport_error(e):
+            raise StorageError(
+                f"{url}: cannot reach the object store ({type(e).__name__}); check the "
+                "endpoint and the network"
+            ) from None
+        raise
+
+
+def is_transport_error(e: BaseException) -> bool:
+    """A network failure (after the client's own retries), not a property of the data.
+    aiohttp's connection errors subclass OSError, so they must not pass for corruption."""
+    name = type(e).__name__
+    return any(word in name for word in ("Connect", "Timeout", "Endpoint", "Connection"))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

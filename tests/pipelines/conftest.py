@@ -36,3 +36,28 @@ def fast_config(**kw):
 
 def nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on loopback behind a fault-injecting proxy (tests/s3server.py)."""
+    from tests.s3server import S3
+
+    server = S3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3):
+    import uuid
+
+    def calm():
+        s3.proxy.fail_next, s3.proxy.failed, s3.proxy.deny_key = 0, 0, None
+        s3.proxy.stall_next, s3.proxy.stalled, s3.proxy.fail_every = 0, 0, 0
+
+    calm()  # faults a test injected end with it, before and after
+    name = f"bucket-{uuid.uuid4().hex[:10]}"
+    s3.fs().mkdir(name)
+    yield name
+    calm()

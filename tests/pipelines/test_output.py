@@ -63,7 +63,7 @@ def test_publish_replaces_labels_and_commit_writes_success_last(tmp_path):
     staging = out.new_staging()
     staging.join("a.parquet").write_bytes(b"A")
     staging.join("b.parquet").write_bytes(b"B")
-    published = out.publish(staging)
+    published = out.publish(staging.files([".parquet"]))
     assert [p.url.rsplit("/", 1)[1] for p in published] == [
         "part-00000.parquet",
         "part-00001.parquet",
