@@ -18,12 +18,12 @@ import numpy as np
 from ops.sinkhorn import SinkhornResult, proportions, sinkhorn
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError
+from pipelines.output import DUALS
 from pipelines.shards import RayShardedData, SinkhornShards
 from pipelines.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
 
-DUALS = "duals.npy"
 BALANCE_STATE = "balance.json"
 
 

@@ -62,6 +62,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.errors import InputError
+    from pipelines.output import RunOutput
+    from pipelines.report import write_report
+    from pipelines.storage import resolve
+
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    output = RunOutput(resolve(args.output, options))
+    if not output.committed():
+        raise InputError(f"{output.root.url} has no _SUCCESS: not a finished run")
+    print(write_report(output, output.manifest(), options), flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -82,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="fit k-means on the input and label every row")
     add_config_flags(run)
     run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="write report.html for a finished run, print a summary")
+    report.add_argument("output", metavar="OUTPUT", help="the run's --output")
+    report.add_argument("--storage-options", help="fsspec options as JSON")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="generate a small sharded dataset and run the whole job")
     demo.add_argument("--dir", default="demo_output", help="where to write input and output")

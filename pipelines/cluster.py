@@ -76,6 +76,14 @@ def size_pools(config: RunConfig, resources: dict[str, float]) -> Sizing:
     )
 
 
+def thread_env(threads: int | None) -> dict | None:
+    """An actor's runtime_env giving faiss and BLAS ``threads`` OpenMP threads.
+
+    Ray sets OMP_NUM_THREADS to an actor's logical CPUs; setting it here instead (read
+    when faiss and numpy load) needs no torch or faiss call inside the actor."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None
+
+
 def _threads(cpus: float, actors: int) -> int:
     """faiss threads per CPU actor: the cores shared out, at least one.
 

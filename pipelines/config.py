@@ -8,6 +8,7 @@ cannot drift apart. Validation happens here, at the edge (DESIGN invariant 6).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,16 @@ class RunConfig:
     embedding_column: str = _opt("embedding", "parquet embedding column")
     truth_column: str | None = _opt(
         None, "ground-truth column: copied into the labels, scored with NMI/ARI/accuracy"
+    )
+    # Nightly runs. URLs may hold {date} and {previous_date} (run date, and the day before).
+    run_date: str | None = _opt(None, "YYYY-MM-DD for {date} in URLs; default: today (UTC)")
+    init_centroids: str | None = _opt(
+        None,
+        "warm start from a (k, d) centroids.npy; missing: seed from the data",
+        metavar="URL",
+    )
+    previous_run: str | None = _opt(
+        None, "a previous run's --output: report label drift against it", metavar="URL"
     )
     # The algorithm.
     algorithm: str = _opt(
@@ -133,7 +144,34 @@ class RunConfig:
             raise ConfigError("storage_options must be a mapping")
         if self.id_column == "":
             self.id_column = None
+        self._expand_dates()
         return self
+
+    def _expand_dates(self) -> None:
+        """Fill {date} and {previous_date} in every URL setting."""
+        try:
+            day = (
+                datetime.date.fromisoformat(self.run_date)
+                if self.run_date
+                else datetime.datetime.now(datetime.timezone.utc).date()
+            )
+        except ValueError:
+            raise ConfigError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
+        self.run_date = day.isoformat()
+        values = {
+            "date": day.isoformat(),
+            "previous_date": (day - datetime.timedelta(1)).isoformat(),
+        }
+        for name in ("input", "output", "init_centroids", "previous_run", "cluster_proportions"):
+            url = getattr(self, name)
+            if url and "{" in url:
+                try:
+                    setattr(self, name, url.format(**values))
+                except (KeyError, IndexError, ValueError):
+                    raise ConfigError(
+                        f"--{name.replace('_', '-')} {url!r}: only {{date}} and "
+                        "{previous_date} can be filled in"
+                    ) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings for the manifest; storage option values are redacted."""

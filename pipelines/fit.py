@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ops.kmeans import KMeansParams, KMeansState, fit, init_state
 from pipelines.config import RunConfig
+from pipelines.nightly import load_init_centroids
 from pipelines.output import Checkpoints
 from pipelines.reader import Plan, ReadSettings
 from pipelines.shards import RayShardedData, RayStreamingData, WorkerSpec
@@ -50,6 +51,7 @@ def fingerprint(config: RunConfig, plan: Plan) -> dict:
         "seed": config.seed,
         "spherical": config.spherical,
         "init": config.init,
+        "init_centroids": config.init_centroids,
     }
 
 
@@ -71,6 +73,7 @@ def run_fit(
         log.info("fit: complete in checkpoint at iteration %d; not refitting", state.iteration)
         return FitResult(state, "checkpoint", resumed_from, 0, 0)
 
+    warm, note = load_init_centroids(config, plan.dim) if state is None else (None, None)
     t0 = time.perf_counter()
     if config.algorithm == "minibatch":
         data = RayStreamingData(plan, settings, spec, workers, config.seed)
@@ -93,7 +96,9 @@ def run_fit(
     try:
         t0 = time.perf_counter()
         if state is None:
-            state, init = init_state(data, params)
+            state, init = init_state(data, params, init_centroids=warm)
+            if note:
+                init = f"{init} ({note})"
             log.info("fit: %s seeding of k=%d in %.1f s", init, config.k, time.perf_counter() - t0)
         else:
             init = "checkpoint"
@@ -101,10 +106,11 @@ def run_fit(
         seconds["init"] = time.perf_counter() - t0
 
         def on_iteration(s: KMeansState, record) -> None:
-            log.info("fit: %s", record.line(params.iterations))
+            # Checkpoint first: a progress line on screen means the iteration is durable.
             t = time.perf_counter()
             checkpoints.save(s)
             seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t
+            log.info("fit: %s", record.line(params.iterations))
 
         t0 = time.perf_counter()
         fit(data, params, state, on_iteration)

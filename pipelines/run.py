@@ -14,7 +14,6 @@ from typing import Any
 
 from ops.metrics import scores, size_stats
 from pipelines.balance import (
-    DUALS,
     load_balance,
     manifest_section,
     run_balance,
@@ -25,9 +24,18 @@ from pipelines.cluster import ray_session, size_pools
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError, InputError
 from pipelines.fit import FitResult, fingerprint, run_fit
-from pipelines.label import LabelCounts, LabelPool, LabelSpec, count_labels, label_pass
-from pipelines.output import CENTROIDS, CHECKPOINTS, Checkpoints, RunOutput
+from pipelines.label import (
+    LabelCounts,
+    LabelPool,
+    LabelSpec,
+    count_labels,
+    drop_duplicate_ids,
+    label_pass,
+)
+from pipelines.nightly import label_drift
+from pipelines.output import CENTROIDS, CHECKPOINTS, DUALS, Checkpoints, RunOutput
 from pipelines.reader import Plan, ReadSettings, make_plan
+from pipelines.report import write_report
 from pipelines.shards import RayShardedData, WorkerSpec
 from pipelines.storage import resolve
 
@@ -66,6 +74,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             f"--output {output.root.url} lies inside --input {source.url}: the next run "
             "would read the labels as embeddings; choose an output outside the input"
         )
+    output.root.check_writable()  # credentials, bucket, endpoint: fail in seconds
     if output.committed():
         if not config.overwrite:
             log.info("%s is complete (_SUCCESS); --overwrite recomputes it", output.root.url)
@@ -119,7 +128,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         if config.balanced:
             with _timed("balance", timings):
                 balance = _balance(config, plan, settings, spec, sizing, fitted, output)
-        counts = _label(config, plan, settings, sizing, output, timings, balance)
+        counts, duplicates = _label(config, plan, settings, sizing, output, timings, balance)
+        if duplicates:
+            fitted.skipped["duplicate id"] = duplicates
         written = counts["label"].rows
         expected = plan.total_rows - sum(fitted.skipped.values())
         if fitted.workers and written != expected:
@@ -127,6 +138,10 @@ def run(config: RunConfig) -> dict[str, Any]:
                 f"label pass wrote {written} rows, expected {expected}: not committing"
             )
         manifest = _manifest(config, plan, fitted, counts, timings, sizing, balance)
+        drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
+        if drift is not None:
+            manifest["drift"] = drift
+        write_report(output, manifest, config.storage_options)  # before _SUCCESS, last
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
         output.commit(manifest)
     log.info("done: %d rows labelled into %s", written, output.labels.url)
@@ -184,9 +199,12 @@ def _label(config, plan, settings, sizing, output: RunOutput, timings, balance):
         staging = output.new_staging()
         label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging)
     with _timed("publish", timings):
-        published = output.publish(staging)
+        staged = staging.files([".parquet"])
+        duplicates = drop_duplicate_ids(staged, config.on_bad_rows)
         columns = ("label", "nearest_label") if balance else ("label",)
-        return count_labels(published, config.k, columns, config.truth_column)
+        counts = count_labels(staged, config.k, columns, config.truth_column)
+        output.publish(staged)
+    return counts, duplicates
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:
@@ -209,7 +227,11 @@ def _manifest(
     }
     if config.truth_column:
         metrics["truth"] = {c: scores(n.truth_table()) for c, n in counts.items()}
-    skipped = {"total": plan.total_rows - label.rows, "by_reason": fitted.skipped}
+    skipped = {
+        "total": plan.total_rows - label.rows,
+        "by_reason": fitted.skipped,
+        "files": plan.skipped_files,  # whole files left out at planning (rows: if known)
+    }
     clusters = {"k": config.k, **_cluster_section(label)}
     if "nearest_label" in counts:
         clusters["nearest"] = _cluster_section(counts["nearest_label"])

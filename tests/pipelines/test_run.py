@@ -23,7 +23,9 @@ def test_contracted_output(ray_local, small_dataset, tmp_path):
     manifest = run(fast_config(input=str(root), output=str(out), topk=3, truth_column="truth"))
 
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["_SUCCESS", "_checkpoints", "centroids.npy", "labels", "manifest.json"]
+    assert names == [
+        "_SUCCESS", "_checkpoints", "centroids.npy", "labels", "manifest.json", "report.html",
+    ]  # fmt: skip
     centroids = np.load(out / "centroids.npy", allow_pickle=False)
     assert centroids.shape == (12, 16) and centroids.dtype == np.float32
 
@@ -49,7 +51,7 @@ def test_contracted_output(ray_local, small_dataset, tmp_path):
     assert manifest["rows"] == {
         "input": 6000,
         "output": 6000,
-        "skipped": {"total": 0, "by_reason": {}},
+        "skipped": {"total": 0, "by_reason": {}, "files": []},
     }
     assert sum(manifest["clusters"]["sizes"]) == 6000
     assert manifest["fit"]["history"][0]["iteration"] == 1
@@ -132,5 +134,7 @@ def test_bad_row_error_names_file_and_row(ray_local, tmp_path):
             input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=2, on_bad_rows="skip"
         )
     )
-    assert m["rows"]["skipped"] == {"total": 1, "by_reason": {"NaN or inf in embedding": 1}}
+    assert m["rows"]["skipped"] == {
+        "total": 1, "by_reason": {"NaN or inf in embedding": 1}, "files": [],
+    }  # fmt: skip
     assert m["rows"]["output"] == 49

@@ -1,0 +1,50 @@
+"""Drift between two runs: match the centroids, then compare the labels of shared ids.
+
+Matching is the Hungarian method (``scipy.optimize.linear_sum_assignment``) on squared
+distances between centroids, one-to-one; above HUNGARIAN_MAX_K, where its O(k^3) cost
+stops being reasonable, each previous centroid goes to its nearest current one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ops.assign import CentroidIndex, as_float32
+
+HUNGARIAN_MAX_K = 2048
+
+
+def match_centroids(previous: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, str]:
+    """mapping (k_prev,): previous centroid j corresponds to current ``mapping[j]``."""
+    previous, current = as_float32(previous), as_float32(current)
+    if max(len(previous), len(current)) <= HUNGARIAN_MAX_K:
+        d2 = (
+            (previous * previous).sum(1)[:, None]
+            - 2.0 * previous @ current.T
+            + (current * current).sum(1)[None, :]
+        )
+        rows, cols = linear_sum_assignment(np.maximum(d2, 0.0))
+        mapping = np.full(len(previous), -1, np.int64)
+        mapping[rows] = cols
+        return mapping, "hungarian"
+    _, I = CentroidIndex(current).search(previous)
+    return I[:, 0], "nearest"
+
+
+def centroid_shift(previous: np.ndarray, current: np.ndarray, mapping: np.ndarray) -> dict:
+    """Distances between matched centroids: mean, median, max (unmatched ones skipped)."""
+    ok = mapping >= 0
+    d = np.linalg.norm(previous[ok] - current[mapping[ok]], axis=1)
+    return {"mean": float(d.mean()), "median": float(np.median(d)), "max": float(d.max())}
+
+
+def changed_fraction(
+    previous_labels: np.ndarray, current_labels: np.ndarray, mapping: np.ndarray
+) -> float:
+    """Share of rows whose label changed, after carrying previous labels through the
+    matching (a row counts as changed when its previous cluster has no match)."""
+    if len(previous_labels) == 0:
+        return 0.0
+    carried = mapping[previous_labels]
+    return float((carried != current_labels).mean())

@@ -1,0 +1,125 @@
+"""CUDA backends: nearest-centroid search and shard statistics on a GPU.
+
+Chosen per process: the faiss GPU build when it is installed and sees a device, else
+torch on CUDA (a GEMM and a top-k, exact), else an error that says what is missing.
+The torch kernels take any device, so their math is tested on CPU where no GPU is.
+Rows live on the device in float32, or in float16 when float32 would not fit in
+``memory_fraction`` of its free memory; scores and sums are float32 and float64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+from ops.assign import as_float32, iter_chunks
+from ops.stats import PartialStats
+
+log = logging.getLogger("pseudolabel")
+
+GPU_CHUNK_ROWS = 1 << 16
+
+
+def faiss_gpu_ready() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def torch_cuda_ready() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def backend() -> str:
+    """ "faiss-gpu" or "torch-cuda"; raises when --gpus-per-worker asks for a GPU that
+    this process cannot use."""
+    if faiss_gpu_ready():
+        return "faiss-gpu"
+    if torch_cuda_ready():
+        return "torch-cuda"
+    raise RuntimeError(
+        "a GPU was requested (--gpus-per-worker > 0) but this process sees no CUDA device "
+        "(neither the faiss GPU build nor torch.cuda): check the node's drivers and image"
+    )
+
+
+def make_search(centroids: np.ndarray, metric: str, device: str):
+    """search(x (n, d) float32, m) -> D, I on the GPU, as faiss's CPU search returns."""
+    name = backend()
+    log.info("gpu: nearest-centroid search with %s", name)
+    if name == "faiss-gpu":
+        res = faiss.StandardGpuResources()
+        index = (
+            faiss.GpuIndexFlatL2(res, centroids.shape[1])
+            if metric == "l2"
+            else (faiss.GpuIndexFlatIP(res, centroids.shape[1]))
+        )
+        index.add(as_float32(centroids))
+        return index.search
+    return TorchSearch(centroids, metric, "cuda").search
+
+
+class TorchSearch:
+    """Exact top-m by one GEMM per chunk: D as faiss reports it (squared L2, or x.c)."""
+
+    def __init__(self, centroids: np.ndarray, metric: str, device: str):
+        import torch
+
+        self.torch, self.metric = torch, metric
+        self.c = torch.from_numpy(as_float32(centroids)).to(device)
+        self.c_sq = (self.c * self.c).sum(1)
+
+    def search(self, x: np.ndarray, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        xt = torch.from_numpy(as_float32(x)).to(self.c.device)
+        dots = xt @ self.c.T
+        if self.metric == "ip":
+            D, I = torch.topk(dots, m, dim=1)
+        else:
+            d2 = (xt * xt).sum(1, keepdim=True) - 2.0 * dots + self.c_sq
+            D, I = torch.topk(d2, m, dim=1, largest=False)
+            D = D.clamp_min(0.0)
+        return D.cpu().numpy(), I.cpu().numpy()
+
+
+class DeviceRows:
+    """A shard's rows resident on a device; ``partial_stats`` without leaving it."""
+
+    def __init__(self, x: np.ndarray, device: str, memory_fraction: float = 0.6):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        dtype = torch.float32
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if x.shape[0] * x.shape[1] * 4 > memory_fraction * free:
+                dtype = torch.float16  # half the bytes; scores are computed in float32
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype)
+        self.dtype = str(dtype).replace("torch.", "")
+
+    def partial_stats(self, centroids: np.ndarray, metric: str) -> PartialStats:
+        torch = self.torch
+        c = torch.from_numpy(as_float32(centroids)).to(self.device)
+        k, d = c.shape
+        c_sq = (c * c).sum(1)
+        sums = torch.zeros((k, d), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(k, dtype=torch.int64, device=self.device)
+        inertia = torch.zeros((), dtype=torch.float64, device=self.device)
+        for sl in iter_chunks(len(self.x), GPU_CHUNK_ROWS):
+            xb = self.x[sl].float()
+            dots = xb @ c.T
+            if metric == "ip":
+                best, labels = dots.max(dim=1)
+                d2 = (2.0 - 2.0 * best).clamp_min(0.0)
+            else:
+                x_sq = (xb * xb).sum(1)
+                score, labels = (2.0 * dots - c_sq).max(dim=1)
+                d2 = (x_sq - score).clamp_min(0.0)
+            counts += torch.bincount(labels, minlength=k)
+            sums.index_add_(0, labels, xb.double())
+            inertia += d2.double().sum()
+        return PartialStats(sums.cpu().numpy(), counts.cpu().numpy(), float(inertia.item()))

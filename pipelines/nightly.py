@@ -1,0 +1,90 @@
+"""What a nightly run adds: a warm start from last night's centroids, and label drift
+against last night's run, both read from storage by URL."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ops.drift import centroid_shift, changed_fraction, match_centroids
+from pipelines.config import RunConfig
+from pipelines.errors import ConfigError
+from pipelines.output import CENTROIDS, LABELS, load_npy
+from pipelines.storage import Location, resolve
+
+log = logging.getLogger("pseudolabel")
+
+
+def load_init_centroids(config: RunConfig, dim: int) -> tuple[np.ndarray | None, str | None]:
+    """(centroids, note). A missing file, as on the first night, means seeding from the
+    data, with a warning and a note for the manifest; a wrong shape is an error."""
+    if not config.init_centroids:
+        return None, None
+    loc = resolve(config.init_centroids, config.storage_options)
+    if not loc.exists():
+        log.warning("--init-centroids %s does not exist: seeding from the data", loc.url)
+        return None, f"{loc.url} not found: seeded from the data"
+    centroids = load_npy(loc)
+    if centroids.shape != (config.k, dim):
+        raise ConfigError(
+            f"--init-centroids {loc.url} has shape {centroids.shape}; this run needs "
+            f"({config.k}, {dim}) for --k {config.k} and the input's dim"
+        )
+    if not np.isfinite(centroids).all():
+        raise ConfigError(f"--init-centroids {loc.url} holds NaN or inf values")
+    log.info("fit: warm start from %s", loc.url)
+    return centroids.astype(np.float32), None
+
+
+def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]) -> dict | None:
+    """Drift against ``--previous-run``: matched centroid shift, and the share of ids in
+    both runs whose label changed once previous labels are carried through the match."""
+    if not config.previous_run:
+        return None
+    root = resolve(config.previous_run, config.storage_options)
+    if not root.join(CENTROIDS).exists():
+        log.warning("--previous-run %s has no %s: no drift reported", root.url, CENTROIDS)
+        return {"previous_run": root.url, "missing": True}
+    previous = load_npy(root.join(CENTROIDS))
+    if previous.shape[1] != centroids.shape[1]:
+        raise ConfigError(
+            f"--previous-run {root.url}: centroids of dim {previous.shape[1]}, this run has "
+            f"{centroids.shape[1]}"
+        )
+    mapping, method = match_centroids(previous, centroids)
+    before = _ids_and_labels(root.join(LABELS).files([".parquet"]))
+    after = _ids_and_labels(labels)
+    shared = before.join(after, "id", join_type="inner", left_suffix="_prev")
+    changed = changed_fraction(
+        shared.column("label_prev").to_numpy(), shared.column("label").to_numpy(), mapping
+    )
+    drift = {
+        "previous_run": root.url,
+        "matching": method,
+        "shared_ids": shared.num_rows,
+        "label_changed_fraction": changed,
+        "centroid_shift": centroid_shift(previous, centroids, mapping),
+    }
+    log.info(
+        "drift: %.2f%% of %d shared ids changed label; matched centroids moved %.4g on average",
+        100 * changed,
+        shared.num_rows,
+        drift["centroid_shift"]["mean"],
+    )
+    return drift
+
+
+def _ids_and_labels(files: list[Location]) -> pa.Table:
+    def read(loc: Location) -> pa.Table:
+        with loc.open() as f:
+            return pq.read_table(f, columns=["id", "label"])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tables = list(pool.map(read, files))
+    if not tables:
+        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int32())})
+    return pa.concat_tables(tables)

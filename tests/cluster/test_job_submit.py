@@ -1,0 +1,91 @@
+"""`ray job submit` against a real head on loopback, with Ray 2.60's token auth."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.demo import write_parquet_shards
+from tests.s3server import free_port
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def head():
+    """A Ray head on free loopback ports, with its own temp dir and token; every process
+    under that temp dir is killed afterwards (`ray stop` would stop all Ray on the box)."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+    )
+    dashboard = free_port()
+    started = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(env, address, *entrypoint, timeout=400):
+    return subprocess.run(
+        [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+         "--", *entrypoint],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_job_submit_runs_and_commits(head, tmp_path):
+    env, address = head
+    x = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
+    write_parquet_shards(tmp_path / "in", x, 2)
+    out = tmp_path / "out"
+    done = submit(
+        env,
+        address,
+        "pseudolabel",
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--k",
+        "4",
+        "--iterations",
+        "3",
+    )
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert "succeeded" in text
+    assert "ray: joined" in text  # the driver joined the cluster, it did not start its own
+    assert (out / "_SUCCESS").exists()
+
+    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    refused = subprocess.run(
+        [str(BIN / "ray"), "job", "list", f"--address={address}"],
+        env=wrong,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0  # a client without the head's token is turned away

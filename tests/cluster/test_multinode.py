@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.demo import mixture, write_parquet_shards
+
+
+def test_workers_spread_over_nodes_and_agree_with_one_node(tmp_path):
+    x, _ = mixture(6000, 8, 8, seed=2)
+    write_parquet_shards(tmp_path / "in", x, shards=6, row_group_rows=500)
+    script = Path(__file__).with_name("multinode.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "in")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(set(result["nodes"])) == 3  # SPREAD: one worker per node
+    assert len(set(result["single_nodes"])) == 1
+    assert result["max_diff"] < 1e-4  # same centroids as on one node
