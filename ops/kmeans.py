@@ -68,13 +68,14 @@ class IterationRecord:
 
 @dataclass
 class KMeansState:
-    """Everything a resumed fit needs; see ``pipelines.checkpoint`` for its storage."""
+    """Everything a resumed fit needs; ``pipelines.output.Checkpoints`` stores it."""
 
     centroids: np.ndarray  # (k, d) float32
     iteration: int = 0  # iterations (or epochs) completed
     weight_sums: np.ndarray | None = None  # (k,) float64, mini-batch only
     history: list[IterationRecord] = field(default_factory=list)
     converged: bool = False
+    extra: dict = field(default_factory=dict)  # JSON-able notes of steps after the loop
 
     def history_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.history]

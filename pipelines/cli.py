@@ -78,6 +78,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from pipelines.curate import curate, parse_levels, summary
+
+    levels = parse_levels(args.levels)
+    args.k = args.k or levels[0]
+    config = config_from_args(args)
+    manifest = curate(config, levels, args.sample_size, args.strategy)
+    print(summary(manifest, config.output), flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -98,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="fit k-means on the input and label every row")
     add_config_flags(run)
     run.set_defaults(func=cmd_run)
+
+    curate = sub.add_parser(
+        "curate", help="hierarchical k-means and a balanced sample of ids (data curation)"
+    )
+    curate.add_argument(
+        "--levels",
+        required=True,
+        metavar="K1,K2,...",
+        help="clusters per level, shrinking: e.g. 10000,1000,100",
+    )
+    curate.add_argument("--sample-size", type=int, required=True, metavar="N", help="ids to select")
+    curate.add_argument(
+        "--strategy",
+        choices=("random", "closest"),
+        default="random",
+        help="within a level-1 cluster: random ids, or the closest to it",
+    )
+    add_config_flags(curate)
+    curate.set_defaults(func=cmd_curate)
 
     report = sub.add_parser("report", help="write report.html for a finished run, print a summary")
     report.add_argument("output", metavar="OUTPUT", help="the run's --output")

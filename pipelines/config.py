@@ -77,6 +77,19 @@ class RunConfig:
         4.0, "per worker: cache the n x k Sinkhorn scores under this size, else recompute"
     )
     topk: int = _opt(0, "also write the M nearest labels and distances per row", metavar="M")
+    resampling_steps: int = _opt(
+        0,
+        "resampling refinement after the fit (Vo et al. 2024): rounds of refitting on "
+        "an equal number of points per cluster",
+    )
+    resample_size: int | None = _opt(
+        None, "points per cluster in each resampling round; default: half the mean size"
+    )
+    resample_strategy: str = _opt(
+        "closest",
+        "resampled points: closest to the centroid, or random",
+        choices=("closest", "random"),
+    )
     batch_rows: int = _opt(16384, "mini-batch rows per worker per step")
     dtype: str = _opt(
         "auto",
@@ -132,6 +145,11 @@ class RunConfig:
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
         _require(self.startup_timeout > 0, "--startup-timeout must be > 0")
         _require(self.epsilon > 0, f"--epsilon must be > 0, got {self.epsilon}")
+        _require(self.resampling_steps >= 0, "--resampling-steps must be >= 0")
+        _require(
+            self.resample_size is None or self.resample_size >= 1,
+            "--resample-size must be at least 1",
+        )
         _require(self.sinkhorn_iterations >= 1, "--sinkhorn-iterations must be at least 1")
         _require(self.sinkhorn_tol > 0, "--sinkhorn-tol must be > 0")
         _require(self.score_cache_gb >= 0, "--score-cache-gb must be >= 0")

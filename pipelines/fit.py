@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ops.hierarchical import resample_refine
 from ops.kmeans import KMeansParams, KMeansState, fit, init_state
 from pipelines.config import RunConfig
 from pipelines.nightly import load_init_centroids
@@ -69,7 +70,11 @@ def run_fit(
     params = params_of(config)
     state = checkpoints.latest()
     resumed_from = state.iteration if state else None
-    if state and (state.converged or state.iteration >= params.iterations):
+    loop_done = state is not None and (state.converged or state.iteration >= params.iterations)
+    refined = not config.resampling_steps or (
+        state is not None and state.extra.get("resampled") == config.resampling_steps
+    )
+    if loop_done and refined:
         log.info("fit: complete in checkpoint at iteration %d; not refitting", state.iteration)
         return FitResult(state, "checkpoint", resumed_from, 0, 0)
 
@@ -113,8 +118,29 @@ def run_fit(
             log.info("fit: %s", record.line(params.iterations))
 
         t0 = time.perf_counter()
-        fit(data, params, state, on_iteration)
+        if not loop_done:  # else only the resampling refinement is left to do
+            fit(data, params, state, on_iteration)
         seconds["iterations"] = time.perf_counter() - t0
+        if config.resampling_steps and config.algorithm == "lloyd":
+            t0 = time.perf_counter()
+            per_cluster = config.resample_size or max(1, data.count() // (2 * config.k))
+            state.centroids = resample_refine(
+                data,
+                state.centroids,
+                params,
+                config.resampling_steps,
+                per_cluster,
+                config.resample_strategy,
+            )
+            seconds["resampling"] = time.perf_counter() - t0
+            state.extra["resampled"] = config.resampling_steps
+            checkpoints.save(state)  # a rerun finds the refined centroids
+            log.info(
+                "fit: %d resampling rounds of %d points per cluster in %.1f s",
+                config.resampling_steps,
+                per_cluster,
+                seconds["resampling"],
+            )
         if state.converged:
             log.info("fit: converged (inertia change below --tol %g)", config.tol)
         kept = keep_workers and config.algorithm == "lloyd"

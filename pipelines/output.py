@@ -113,6 +113,7 @@ class Checkpoints:
             "iteration": state.iteration,
             "converged": state.converged,
             "history": state.history_dicts(),
+            "extra": state.extra,
             "arrays": arrays,
         }
         self.root.join(f"state-{tag}.json").write_bytes(json.dumps(doc).encode())
@@ -156,6 +157,7 @@ class Checkpoints:
                 weight_sums=arrays.get("weight_sums"),
                 history=[IterationRecord(**r) for r in doc["history"]],
                 converged=bool(doc["converged"]),
+                extra=doc.get("extra", {}),
             )
         return None
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from ops.assign import CentroidIndex, normalize_rows
+from ops.assign import CentroidIndex, normalize_rows, squared_distances
 from ops.dataset import sample_indices
+from ops.hierarchical import cluster_samples
 from ops.sinkhorn import RowBlock
 from ops.stats import PartialStats, partial_stats, reduce_stats
 from pipelines.cluster import thread_env
@@ -142,6 +143,17 @@ class ShardWorker:
         if self.device_rows is not None:
             return self.device_rows.partial_stats(centroids, self.spec.metric)
         return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
+
+    def cluster_samples(
+        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, squared distances, rows): up to per_cluster of this worker's rows in
+        every cluster, for the resampling refinement."""
+        D, I = CentroidIndex(centroids, self.spec.metric, self.spec.device).search(self.x)
+        d2 = squared_distances(D[:, 0], self.spec.metric)
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(int(self.rows[0]),)))
+        rows = cluster_samples(I[:, 0], d2, len(centroids), per_cluster, strategy, rng)
+        return I[rows, 0], d2[rows], np.asarray(self.x[rows], np.float32)
 
     # -- Sinkhorn: the row side of the balanced assignment (ops.sinkhorn.RowBlock) --
     # Every call carries what the block needs (centroids, beta, eps, a stage token), so
@@ -301,6 +313,22 @@ class RayShardedData:
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         return tree_reduce([a.partial_stats.remote(ref) for a in self.actors])
+
+    def cluster_samples(
+        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
+    ) -> np.ndarray:
+        """Up to per_cluster rows of every cluster, over all workers: each proposes its own
+        candidates, the driver keeps the closest (or a random choice) per cluster."""
+        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        parts = ray.get(
+            [a.cluster_samples.remote(ref, per_cluster, strategy, seed) for a in self.actors]
+        )
+        labels = np.concatenate([p[0] for p in parts])
+        d2 = np.concatenate([p[1] for p in parts])
+        rows = cluster_samples(
+            labels, d2, len(centroids), per_cluster, strategy, np.random.default_rng(seed)
+        )
+        return np.concatenate([p[2] for p in parts])[rows]
 
     def shutdown(self) -> None:
         """Kill the actors and wait (briefly) until Ray has their CPUs back, so the

@@ -1,0 +1,157 @@
+"""``pseudolabel curate``: hierarchical k-means, then a balanced sample of the ids.
+
+    OUTPUT/level1/               a full ``pseudolabel run`` with k = the first level
+                                 (checkpoints, resume, labels with distances)
+    OUTPUT/hierarchy/            centroids-level-L.npy, parents-level-L.npy (no pickle)
+    OUTPUT/selection/*.parquet   id, level_1 .. level_L: each selected id once, with its
+                                 cluster at every level
+    OUTPUT/manifest.json, _SUCCESS (last)
+
+Level 1 runs on the Ray workers (``pipelines.run``), with the resampling refinement
+there too; the levels above cluster centroids, a few thousand rows, in process with the
+same k-means loop. Sampling reads each row's level-1 label and distance back (12 bytes a
+row plus its id) and draws top down (``ops.hierarchical.balanced_sample``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ops.hierarchical import STRATEGIES, balanced_sample, upper_levels
+from ops.metrics import size_stats
+from pipelines.config import RunConfig
+from pipelines.errors import ConfigError
+from pipelines.fit import params_of
+from pipelines.output import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
+from pipelines.run import run, versions
+from pipelines.storage import Location, resolve
+
+log = logging.getLogger("pseudolabel")
+
+SELECTION_FILE_ROWS = 1_000_000
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--levels must be comma-separated integers, got {text!r}") from None
+    if not levels or any(k < 1 for k in levels):
+        raise ConfigError(f"--levels needs positive cluster counts, got {text!r}")
+    if any(b >= a for a, b in itertools.pairwise(levels)):
+        raise ConfigError(f"--levels must shrink from level to level, got {levels}")
+    return levels
+
+
+def curate(
+    config: RunConfig, levels: list[int], sample_size: int, strategy: str = "random"
+) -> dict[str, Any]:
+    """Cluster in ``levels`` and write a balanced selection of ``sample_size`` ids."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if sample_size < 1:
+        raise ConfigError(f"--sample-size must be at least 1, got {sample_size}")
+    t0 = time.perf_counter()
+    root = resolve(config.output, config.storage_options)
+    output = RunOutput(root)
+    if output.committed() and not config.overwrite:
+        log.info("%s is complete (_SUCCESS); --overwrite recomputes it", root.url)
+        return output.manifest()
+    level1_config = dataclasses.replace(config, k=levels[0], output=root.join("level1").url)
+    level1 = run(level1_config)
+
+    params = params_of(level1_config)
+    centroids = load_npy(root.join("level1", CENTROIDS))
+    tree = upper_levels(
+        centroids,
+        levels[1:],
+        params,
+        config.resampling_steps,
+        config.resample_size or 2,
+        config.resample_strategy,
+    )
+    ids, labels, d2 = _level1_assignments(root.join("level1", LABELS).files([".parquet"]))
+    paths = tree.paths(labels)
+    picked = balanced_sample(paths, d2, sample_size, strategy, config.seed)
+    log.info("curate: %d of %d ids selected, %s within clusters", len(picked), len(ids), strategy)
+
+    output.root.join("selection").remove()
+    for i, start in enumerate(range(0, len(picked), SELECTION_FILE_ROWS)):
+        rows = picked[start : start + SELECTION_FILE_ROWS]
+        columns = {"id": ids.take(pa.array(rows))}
+        for level in range(paths.shape[1]):
+            columns[f"level_{level + 1}"] = pa.array(paths[rows, level].astype(np.int32))
+        _write_parquet(root.join("selection", f"part-{i:05d}.parquet"), pa.table(columns))
+    for level, (c, parent) in enumerate(
+        zip(tree.centroids, [*tree.parents, None], strict=True), start=1
+    ):
+        root.join("hierarchy", f"centroids-level-{level}.npy").write_bytes(npy_bytes(c))
+        if parent is not None:
+            root.join("hierarchy", f"parents-level-{level}.npy").write_bytes(npy_bytes(parent))
+
+    manifest = {
+        "format": 1,
+        "command": "curate",
+        "config": {**config.to_dict(), "k": levels[0]},
+        "levels": levels,
+        "strategy": strategy,
+        "resampling": {"steps": config.resampling_steps, "strategy": config.resample_strategy},
+        "rows": {"input": len(ids), "selected": len(picked), "requested": sample_size},
+        "balance": {
+            f"level_{level + 1}": {
+                "all": size_stats(np.bincount(paths[:, level], minlength=k)),
+                "selected": size_stats(np.bincount(paths[picked, level], minlength=k)),
+            }
+            for level, k in enumerate(levels)
+        },
+        "level1_run": level1["timings"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "versions": versions(),
+    }
+    output.commit(manifest)
+    return manifest
+
+
+def _level1_assignments(files: list[Location]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    def read(loc: Location) -> pa.Table:
+        with loc.open() as f:
+            return pq.read_table(f, columns=["id", "label", "distance"])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        table = pa.concat_tables(list(pool.map(read, files)))
+    return (
+        table.column("id").combine_chunks(),
+        table.column("label").to_numpy(),
+        table.column("distance").to_numpy(),
+    )
+
+
+def _write_parquet(loc: Location, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    loc.write_bytes(buf.getvalue())  # whole object: atomic locally, one PUT on S3
+
+
+def summary(manifest: dict[str, Any], output: str) -> str:
+    rows, top = manifest["rows"], f"level_{len(manifest['levels'])}"
+    b = manifest["balance"][top]
+    return "\n".join(
+        [
+            f"pseudolabel curate: levels {manifest['levels']}, {rows['selected']} of "
+            f"{rows['input']} ids selected ({manifest['strategy']})",
+            f"  output     {output}/selection",
+            f"  top level  sizes max/min {b['all']['max_over_min']:.2f} in the data, "
+            f"{b['selected']['max_over_min']:.2f} in the selection",
+            f"  time       {manifest['seconds']:.1f} s",
+        ]
+    )

@@ -1,0 +1,84 @@
+"""pseudolabel curate end to end: levels, a balanced selection, and its contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ops.metrics import size_stats
+from pipelines.cli import main
+from pipelines.curate import parse_levels
+from pipelines.demo import long_tail_weights, mixture, write_parquet_shards
+from pipelines.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def long_tail(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curate") / "input"
+    x, truth = mixture(20_000, 16, 30, seed=9, weights=long_tail_weights(30, 1.5))
+    write_parquet_shards(root, x, shards=4, truth=truth, row_group_rows=2000)
+    return root, truth
+
+
+@pytest.mark.parametrize("strategy", ["random", "closest"])
+def test_curate(ray_local, long_tail, tmp_path, strategy):
+    root, truth = long_tail
+    out = tmp_path / "cur"
+    code = main(
+        [
+            "curate",
+            "--input",
+            str(root),
+            "--output",
+            str(out),
+            "--levels",
+            "60,12,4",
+            "--sample-size",
+            "2000",
+            "--strategy",
+            strategy,
+            "--workers",
+            "2",
+            "--cpus-per-worker",
+            "0.5",
+            "--label-workers",
+            "1",
+            "--resampling-steps",
+            "2",
+            "--iterations",
+            "15",
+        ]
+    )
+    assert code == 0
+    table = pq.read_table(out / "selection")
+    ids = table.column("id").to_numpy()
+    assert len(ids) == 2000 == len(np.unique(ids))  # the sample size, each id once
+    assert table.column_names == ["id", "level_1", "level_2", "level_3"]
+    paths = np.stack([table.column(f"level_{i}").to_numpy() for i in (1, 2, 3)], 1)
+    for level in (0, 1):  # one path per cluster: a child never has two parents
+        pairs = np.unique(paths[:, level : level + 2], axis=0)
+        assert len(np.unique(pairs[:, 0])) == len(pairs)
+    parents = np.load(out / "hierarchy" / "parents-level-1.npy", allow_pickle=False)
+    np.testing.assert_array_equal(parents[paths[:, 0]], paths[:, 1])
+
+    curated = size_stats(np.bincount(truth[ids], minlength=30))
+    uniform = size_stats(
+        np.bincount(
+            truth[np.random.default_rng(0).choice(len(truth), 2000, replace=False)], minlength=30
+        )
+    )
+    assert curated["entropy"] > uniform["entropy"] + 0.08
+    assert curated["max"] < 0.6 * uniform["max"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == {"input": 20_000, "selected": 2000, "requested": 2000}
+    assert (out / "_SUCCESS").exists() and (out / "level1" / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("text", ["100,200", "10,x", "", "0,5"])
+def test_bad_levels(text):
+    with pytest.raises(ConfigError):
+        parse_levels(text)
