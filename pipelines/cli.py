@@ -11,6 +11,7 @@ keys, and flags given on the command line win. Works the same as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -89,6 +90,32 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.storage_options:
+        values["storage_options"] = json.loads(args.storage_options)
+    metrics = train(TrainConfig(**values))
+    last = metrics["epochs"][-1]
+    print(
+        f"pseudolabel train: {last['epoch']} epochs, loss {last['loss']:.4f}, held-out "
+        f"agreement with the pseudo-labels {last['heldout_agreement']:.3f}"
+        + (
+            f", accuracy vs truth {last['heldout_accuracy']:.3f}"
+            if "heldout_accuracy" in last
+            else ""
+        ),
+        flush=True,
+    )
+    for name, scores in metrics.get("comparison", {}).items():
+        print(f"  probe accuracy, {name:>15}: {scores['probe_accuracy']:.3f}", flush=True)
+    for r in metrics.get("rounds", []):
+        print(f"  round {r['round']}: NMI to the previous labels {r['nmi_to_previous']:.4f}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -128,6 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(curate)
     curate.set_defaults(func=cmd_curate)
+
+    train = sub.add_parser("train", help="Ray Train a head on the pseudo-labels of a run")
+    train.add_argument("--input", required=True, metavar="URL", help="the embeddings")
+    train.add_argument(
+        "--labels", required=True, metavar="RUN_URL", help="a finished run's --output"
+    )
+    train.add_argument("--output", required=True, metavar="URL")
+    train.add_argument("--head", choices=("linear", "mlp"), help="default: mlp")
+    train.add_argument("--hidden", type=int, metavar="N", help="MLP width (default 256)")
+    train.add_argument("--epochs", type=int, metavar="E", help="default 5")
+    train.add_argument("--workers", type=int, metavar="W", help="Ray Train workers (2)")
+    train.add_argument("--cpus-per-worker", type=float, metavar="X", help="default 0.5")
+    train.add_argument("--batch-size", type=int, metavar="N", help="default 256")
+    train.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (1e-2)")
+    train.add_argument("--label-column", metavar="C", help="label (default) or nearest_label")
+    train.add_argument(
+        "--truth-column",
+        metavar="C",
+        help="score against it: held-out accuracy after Hungarian matching",
+    )
+    train.add_argument("--heldout", type=float, metavar="X", help="held-out share (0.1)")
+    train.add_argument(
+        "--rounds", type=int, metavar="R", help="DeepCluster rounds: re-embed, re-cluster, retrain"
+    )
+    train.add_argument(
+        "--compare",
+        action="store_true",
+        default=None,
+        help="also train on nearest-centroid and random labels; probe all",
+    )
+    train.add_argument("--seed", type=int, metavar="S")
+    train.add_argument("--storage-options", help="fsspec options as JSON")
+    train.set_defaults(func=cmd_train)
 
     report = sub.add_parser("report", help="write report.html for a finished run, print a summary")
     report.add_argument("output", metavar="OUTPUT", help="the run's --output")

@@ -56,8 +56,8 @@ def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]
             f"{centroids.shape[1]}"
         )
     mapping, method = match_centroids(previous, centroids)
-    before = _ids_and_labels(root.join(LABELS).files([".parquet"]))
-    after = _ids_and_labels(labels)
+    before = ids_and_labels(root.join(LABELS).files([".parquet"]))
+    after = ids_and_labels(labels)
     shared = before.join(after, "id", join_type="inner", left_suffix="_prev")
     changed = changed_fraction(
         shared.column("label_prev").to_numpy(), shared.column("label").to_numpy(), mapping
@@ -78,7 +78,9 @@ def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]
     return drift
 
 
-def _ids_and_labels(files: list[Location]) -> pa.Table:
+def ids_and_labels(files: list[Location]) -> pa.Table:
+    """(id, label) of every row in label files, read in threads (small columns only)."""
+
     def read(loc: Location) -> pa.Table:
         with loc.open() as f:
             return pq.read_table(f, columns=["id", "label"])

@@ -1,0 +1,482 @@
+"""``pseudolabel train``: Ray Train fits a head on (embedding, pseudo-label).
+
+Ray Data reads the embeddings (the same validated reader) and the committed run's label
+files and joins them by id, once per command; a held-out share is split off by a hash
+of the id. A ``TorchTrainer`` trains the head (linear, or an MLP) on several workers,
+reports the loss and held-out metrics every epoch and checkpoints through Ray Train
+under ``OUTPUT/_train/<name>``: a rerun with the same output resumes from the last one.
+
+    OUTPUT/head.npz, head.json   the head's weights (no pickle) and its shape
+    OUTPUT/metrics.json          per-epoch history; heldout_accuracy with a truth column
+    OUTPUT/rounds/R/             DeepCluster-style rounds: features, the run on them
+    OUTPUT/_SUCCESS              written last
+
+With a truth column, ``--compare`` also trains heads on the nearest-centroid labels and
+on random labels, and scores every head's features with a linear probe on the truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from ops.metrics import contingency, nmi
+from pipelines.datasource import embedding_dataset
+from pipelines.errors import ConfigError, InputError
+from pipelines.output import LABELS, SUCCESS, RunOutput
+from pipelines.reader import ReadSettings, make_plan
+from pipelines.storage import Location, resolve
+
+log = logging.getLogger("pseudolabel")
+
+HEADS = ("linear", "mlp")
+PROBE_ROWS = 20_000  # rows per split brought to the driver for the linear probe
+
+
+@dataclass
+class TrainConfig:
+    input: str
+    labels: str  # a committed run's --output
+    output: str
+    head: str = "mlp"
+    hidden: int = 256
+    epochs: int = 5
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+    batch_size: int = 256
+    lr: float = 1e-2  # Adam on a small head: 1e-3 left a 4k-row mixture untrained
+    label_column: str = "label"
+    truth_column: str | None = None
+    heldout: float = 0.1
+    rounds: int = 0
+    compare: bool = False
+    seed: int = 0
+    id_column: str | None = "id"
+    embedding_column: str = "embedding"
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+    def validate(self) -> TrainConfig:
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {HEADS}, got {self.head!r}")
+        for name in ("epochs", "workers", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < self.heldout < 1:
+            raise ConfigError(f"--heldout must be in (0, 1), got {self.heldout}")
+        if self.compare and not self.truth_column:
+            raise ConfigError("--compare needs --truth-column")
+        return self
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _crc(values: np.ndarray, salt: bytes = b"") -> np.ndarray:
+    """CRC32 of each value's text: the same in every process and every run."""
+    return np.fromiter((zlib.crc32(salt + str(v).encode()) for v in values), np.uint32, len(values))
+
+
+def _split(
+    batch: dict[str, np.ndarray],
+    heldout: bool,
+    fraction: float,
+    label_column: str,
+    random_k: int,
+) -> dict[str, np.ndarray]:
+    """map_batches: keep the held-out rows (or the others) and add the target column."""
+    keep = (_crc(batch["id"]) < fraction * 2**32) == heldout
+    out = {k: v[keep] for k, v in batch.items()}
+    if random_k:  # the baseline: a random label per id, fixed across epochs
+        out["target"] = (_crc(out["id"], b"random") % random_k).astype(np.int64)
+    else:
+        out["target"] = out[label_column].astype(np.int64)
+    return out
+
+
+def joined_dataset(cfg: TrainConfig, labels_url: str, columns: list[str]) -> tuple:
+    """(embeddings joined to the label columns by id, materialised; dim)."""
+    settings = ReadSettings(
+        id_column=cfg.id_column,
+        embedding_column=cfg.embedding_column,
+        storage_options=cfg.storage_options,
+    )
+    plan = make_plan(cfg.input, settings)
+    settings = dataclasses.replace(settings, dim=plan.dim, dtype="float32")
+    labels_root = resolve(labels_url, cfg.storage_options).join(LABELS)
+    labels = ray.data.read_parquet(
+        labels_root.path, filesystem=labels_root.arrow_fs(), columns=["id", *columns]
+    )
+    joined = embedding_dataset(plan, settings).join(
+        labels, join_type="inner", num_partitions=max(2, cfg.workers), on=("id",)
+    )
+    return joined.materialize(), plan.dim
+
+
+def splits(joined, cfg: TrainConfig, label_column: str, random_k: int = 0) -> dict:
+    """Train and held-out parts. Plain tasks with half a CPU: beside the Train workers
+    they never hold a CPU between batches, so the pass cannot wait on itself."""
+
+    def part(heldout: bool):
+        return joined.map_batches(
+            _split,
+            fn_kwargs={
+                "heldout": heldout,
+                "fraction": cfg.heldout,
+                "label_column": label_column,
+                "random_k": random_k,
+            },
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+
+    return {"train": part(False), "heldout": part(True)}
+
+
+# ------------------------------------------------------------------------- training
+
+
+def _train_loop(loop: dict) -> None:
+    """Every Ray Train worker: epochs over its shard, held-out metrics summed over all
+    workers, a checkpoint (model, optimiser, epoch, history) from rank 0."""
+    import os
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from ops.metrics import matched_accuracy
+    from ops.probe import make_head
+
+    torch.manual_seed(loop["seed"])
+    model = ray.train.torch.prepare_model(
+        make_head(loop["dim"], loop["k"], loop["head"], loop["hidden"])
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=loop["lr"])
+    history: list = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+    resumed_from = len(history)
+    train, heldout = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
+    for epoch in range(len(history), loop["epochs"]):
+        model.train()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in train.iter_torch_batches(
+            batch_size=loop["batch_size"],
+            local_shuffle_buffer_size=4 * loop["batch_size"],
+            local_shuffle_seed=loop["seed"] + epoch,
+        ):
+            logits = model(batch["embedding"].float())
+            loss = torch.nn.functional.cross_entropy(logits, batch["target"].long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64)
+        model.eval()
+        agree = torch.zeros(2, dtype=torch.float64)
+        table = torch.zeros((loop["k"], max(loop["classes"], 1)), dtype=torch.float64)
+        with torch.no_grad():
+            for batch in heldout.iter_torch_batches(batch_size=4096):
+                pred = model(batch["embedding"].float()).argmax(1)
+                agree += torch.tensor(
+                    [(pred == batch["target"]).sum().item(), len(pred)], dtype=torch.float64
+                )
+                if loop["classes"]:
+                    truth = batch[loop["truth_column"]].long()
+                    table.index_put_(
+                        (pred, truth), torch.ones(len(pred), dtype=torch.float64), accumulate=True
+                    )
+        if dist.is_available() and dist.is_initialized():
+            for t in (total, agree, table):
+                dist.all_reduce(t)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(total[0] / max(total[1], 1)),
+            "heldout_agreement": float(agree[0] / max(agree[1], 1)),
+            "heldout_rows": int(agree[1]),
+            "resumed_from_epoch": resumed_from,
+        }
+        if loop["classes"]:
+            metrics["heldout_accuracy"] = matched_accuracy(table.numpy())
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            saved = None
+            if ray.train.get_context().get_world_rank() == 0:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save(
+                    {
+                        "model": inner.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "history": history,
+                    },
+                    os.path.join(d, "state.pt"),
+                )
+                saved = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+@dataclass
+class HeadResult:
+    history: list[dict[str, Any]]
+    state: dict[str, Any]  # the head's state_dict (tensors)
+
+
+def train_head(
+    cfg: TrainConfig, data: dict, name: str, dim: int, k: int, classes: int
+) -> HeadResult:
+    """One head, with Ray Train; resumable under OUTPUT/_train/<name>."""
+    import torch
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = resolve(cfg.output, cfg.storage_options).join("_train")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "dim": dim,
+            "k": k,
+            "head": cfg.head,
+            "hidden": cfg.hidden,
+            "lr": cfg.lr,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "classes": classes,
+            "truth_column": cfg.truth_column,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage.path,
+            storage_filesystem=storage.arrow_fs(),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=data,
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/state.pt", weights_only=True)
+    last = state["history"][-1]
+    log.info(
+        "train[%s]: %d epochs, loss %.4f, held-out agreement %.3f%s",
+        name,
+        last["epoch"],
+        last["loss"],
+        last["heldout_agreement"],
+        f", accuracy vs truth {last['heldout_accuracy']:.3f}" if "heldout_accuracy" in last else "",
+    )
+    return HeadResult(list(state["history"]), state["model"])
+
+
+def _head_module(cfg: TrainConfig, state: dict, dim: int, k: int):
+    from ops.probe import make_head
+
+    head = make_head(dim, k, cfg.head, cfg.hidden)
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def _save_head(root: Location, cfg: TrainConfig, state: dict, dim: int, k: int) -> None:
+    arrays = {key: value.numpy() for key, value in state.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    root.join("head.npz").write_bytes(buf.getvalue())
+    root.join("head.json").write_bytes(
+        json.dumps(
+            {"head": cfg.head, "hidden": cfg.hidden, "dim": dim, "k": k, "layers": list(arrays)}
+        ).encode()
+    )
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    cfg.validate()
+    run_out = RunOutput(resolve(cfg.labels, cfg.storage_options))
+    if not run_out.committed():
+        raise InputError(f"--labels {run_out.root.url} has no _SUCCESS: not a finished run")
+    manifest = run_out.manifest()
+    k = int(manifest["clusters"]["k"])
+    columns = [cfg.label_column]
+    if cfg.compare and "nearest" in manifest["clusters"]:
+        columns.append("nearest_label")
+    if cfg.truth_column:
+        if manifest["config"].get("truth_column") != cfg.truth_column:
+            raise ConfigError(
+                f"--labels {run_out.root.url} holds no {cfg.truth_column!r} column: run "
+                f"`pseudolabel run` with --truth-column {cfg.truth_column}"
+            )
+        columns.append(cfg.truth_column)
+    out = resolve(cfg.output, cfg.storage_options)
+    joined, dim = joined_dataset(cfg, cfg.labels, columns)
+    classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
+
+    main = train_head(cfg, splits(joined, cfg, cfg.label_column), "head", dim, k, classes)
+    _save_head(out, cfg, main.state, dim, k)
+    metrics: dict[str, Any] = {
+        "labels": run_out.root.url,
+        "label_column": cfg.label_column,
+        "head": cfg.head,
+        "epochs": main.history,
+        **{
+            m: main.history[-1][m]
+            for m in ("loss", "heldout_agreement", "heldout_accuracy")
+            if m in main.history[-1]
+        },
+    }
+    if cfg.compare:
+        metrics["comparison"] = _compare(cfg, joined, main, dim, k, classes, columns)
+    if cfg.rounds:
+        metrics["rounds"] = _rounds(cfg, manifest, main, dim, k)
+    out.join("metrics.json").write_bytes(json.dumps(metrics, indent=2).encode())
+    out.join(SUCCESS).write_bytes(b"")
+    return metrics
+
+
+def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:
+    """Probe accuracy on the truth of each head's features: pseudo-labels, nearest
+    labels, random labels, and the raw embeddings for reference."""
+    from ops.probe import head_features, linear_probe
+
+    def fetch(part) -> tuple[np.ndarray, np.ndarray]:
+        batch = part.limit(PROBE_ROWS).take_batch(PROBE_ROWS, batch_format="numpy")
+        return np.asarray(batch["embedding"], np.float32), batch[cfg.truth_column]
+
+    base = splits(joined, cfg, cfg.label_column)
+    (xt, yt), (xh, yh) = fetch(base["train"]), fetch(base["heldout"])
+    heads = {cfg.label_column: main}
+    if "nearest_label" in columns and cfg.label_column != "nearest_label":
+        heads["nearest_label"] = train_head(
+            cfg, splits(joined, cfg, "nearest_label"), "head-nearest", dim, k, classes
+        )
+    heads["random"] = train_head(
+        cfg, splits(joined, cfg, cfg.label_column, random_k=k), "head-random", dim, k, classes
+    )
+    report = {"raw_embeddings": {"probe_accuracy": linear_probe(xt, yt, xh, yh)}}
+    for name, result in heads.items():
+        head = _head_module(cfg, result.state, dim, k)
+        report[name] = {
+            "probe_accuracy": linear_probe(
+                head_features(head, xt), yt, head_features(head, xh), yh
+            ),
+            "heldout_accuracy": result.history[-1].get("heldout_accuracy"),
+        }
+        log.info("compare: %s labels: probe accuracy %.3f", name, report[name]["probe_accuracy"])
+    return report
+
+
+class _Features:
+    """map_batches: the head's features as the new embedding (DeepCluster re-embedding);
+    other columns (a truth column) pass through."""
+
+    def __init__(self, state: dict, head: str, hidden: int, dim: int, k: int):
+        from ops.probe import make_head
+
+        self.head = make_head(dim, k, head, hidden)
+        self.head.load_state_dict(state)
+        self.head.eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from ops.probe import head_features
+
+        f = head_features(self.head, batch["embedding"])
+        columns = {k: pa.array(v) for k, v in batch.items() if k != "embedding"}
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(f.ravel()), f.shape[1])
+        return pa.table(columns)
+
+
+def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: int) -> list:
+    """Re-embed with the head, re-cluster with the same run settings, retrain; NMI
+    between the labels of consecutive rounds tracks how far the clustering moves."""
+    from pipelines.config import build
+    from pipelines.run import run
+
+    out = resolve(cfg.output, cfg.storage_options)
+    settings = ReadSettings(
+        id_column=cfg.id_column,
+        embedding_column=cfg.embedding_column,
+        extra_columns=(cfg.truth_column,) if cfg.truth_column else (),  # carried through
+        storage_options=cfg.storage_options,
+    )
+    plan = make_plan(cfg.input, settings)
+    settings = dataclasses.replace(settings, dim=plan.dim, dtype="float32")
+    previous_url, state, rounds = cfg.labels, first.state, []
+    for r in range(1, cfg.rounds + 1):
+        features = out.join("rounds", str(r), "features")
+        features.remove()
+        embedding_dataset(plan, settings).map_batches(
+            _Features,
+            fn_constructor_args=(state, cfg.head, cfg.hidden, dim, k),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+        ).write_parquet(features.path, filesystem=features.arrow_fs())
+        run_url = out.join("rounds", str(r), "run").url
+        previous = manifest["config"]
+        run(
+            build(
+                k=k,
+                input=features.url,
+                output=run_url,
+                balanced=previous["balanced"],
+                truth_column=cfg.truth_column,
+                seed=cfg.seed + r,
+                workers=previous.get("workers"),
+                cpus_per_worker=previous["cpus_per_worker"],
+                label_workers=previous.get("label_workers"),
+                storage_options=cfg.storage_options,
+                overwrite=True,
+            )
+        )
+        agreement = nmi(_contingency(previous_url, run_url, cfg.storage_options))
+        joined, _ = joined_dataset(
+            cfg, run_url, [cfg.label_column] + ([cfg.truth_column] if cfg.truth_column else [])
+        )
+        classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
+        head = train_head(cfg, splits(joined, cfg, cfg.label_column), f"round-{r}", dim, k, classes)
+        state = head.state
+        rounds.append(
+            {
+                "round": r,
+                "nmi_to_previous": agreement,
+                **{
+                    m: head.history[-1][m]
+                    for m in ("loss", "heldout_accuracy")
+                    if m in head.history[-1]
+                },
+            }
+        )
+        log.info("round %d: NMI to the previous labels %.4f", r, agreement)
+        previous_url = run_url
+    return rounds
+
+
+def _contingency(a_url: str, b_url: str, options: dict) -> np.ndarray:
+    """Labels of two runs, joined by id, as a contingency table."""
+    from pipelines.nightly import ids_and_labels
+
+    a, b = (
+        ids_and_labels(resolve(u, options).join(LABELS).files([".parquet"])) for u in (a_url, b_url)
+    )
+    both = a.join(b, "id", join_type="inner", left_suffix="_a")
+    return contingency(both.column("label_a").to_numpy(), both.column("label").to_numpy())
