@@ -10,7 +10,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.lloyd", "bench.minibatch", "bench.label"]
+BENCHMARKS = [
+    "bench.lloyd",
+    "bench.minibatch",
+    "bench.label",
+    "bench.balanced",
+    "bench.storage",
+    "bench.scaling",
+    "bench.selftrain",
+    "bench.curate",
+]  # bench.gpu needs a CUDA device: run it by hand where there is one
 
 
 def main() -> int:

@@ -67,7 +67,7 @@ def resample_refine(
         sample = data.cluster_samples(centroids, per_cluster, strategy, params.seed + step)
         if len(sample) < params.k:
             break  # fewer sampled rows than clusters: nothing left to refine
-        local = ArrayData(sample, "ip" if params.spherical else "l2")
+        local = ArrayData(sample, params.metric)
         stepped = replace(params, seed=params.seed + 1000 + step)
         centroids = fit(local, stepped, init_state(local, stepped)[0]).centroids
     return centroids
@@ -94,18 +94,22 @@ def upper_levels(
     ks: list[int],
     params: KMeansParams,
     steps: int = 0,
-    per_cluster: int = 0,
+    per_cluster: int | None = None,
     strategy: str = "closest",
 ) -> Hierarchy:
-    """Levels 2.. over the level-1 centroids, in process, and the parent links."""
+    """Levels 2.. over the level-1 centroids, in process, and the parent links.
+
+    ``per_cluster`` points per cluster in each resampling round; None: half the mean
+    cluster size of the level, as the paper's configurations do."""
     centroids, parents = [np.asarray(level1, np.float32)], []
     for level, k in enumerate(ks, start=2):
         below = centroids[-1]
         p = replace(params, k=k, seed=params.seed + level)
-        data = ArrayData(below, "ip" if params.spherical else "l2")
+        data = ArrayData(below, params.metric)
         c = fit(data, p, init_state(data, p)[0]).centroids
         if steps:
-            c = resample_refine(InMemorySampler(data.x), c, p, steps, per_cluster, strategy)
+            size = per_cluster or max(1, len(below) // (2 * k))
+            c = resample_refine(InMemorySampler(data.x), c, p, steps, size, strategy)
         _, I = CentroidIndex(c, data.metric).search(below)
         centroids.append(c)
         parents.append(I[:, 0])

@@ -40,6 +40,11 @@ class KMeansParams:
     spherical: bool = False
     init: str = "auto"  # auto | kmeans++ | random
 
+    @property
+    def metric(self) -> str:
+        """Inner products of unit vectors for spherical k-means, else squared L2."""
+        return "ip" if self.spherical else "l2"
+
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")

@@ -191,6 +191,11 @@ class RunConfig:
                         "{previous_date} can be filled in"
                     ) from None
 
+    @property
+    def metric(self) -> str:
+        """The search metric: inner products of unit vectors for --spherical, else L2."""
+        return "ip" if self.spherical else "l2"
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings for the manifest; storage option values are redacted."""
         out = dataclasses.asdict(self)

@@ -103,7 +103,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
         sizing = size_pools(config, resources)
         spec = WorkerSpec(
-            metric="ip" if config.spherical else "l2",
+            metric=config.metric,
             device=sizing.device,
             num_cpus=config.cpus_per_worker,
             num_gpus=config.gpus_per_worker,
@@ -179,7 +179,7 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
 
 def _label(config, plan, settings, sizing, output: RunOutput, timings, balance):
     spec = LabelSpec(
-        metric="ip" if config.spherical else "l2",
+        metric=config.metric,
         topk=config.topk,
         id_type=plan.id_type,
         truth_column=config.truth_column,

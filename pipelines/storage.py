@@ -17,7 +17,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,11 @@ class Location:
             if not suffixes or p.endswith(tuple(suffixes)):
                 found.append(self.join(rel))
         return found
+
+    def delete(self) -> None:
+        """Delete one object by name, in one request; a missing one is fine."""
+        with suppress(FileNotFoundError):
+            self.fs.rm_file(self.path)
 
     def remove(self) -> None:
         if self.fs.exists(self.path):

@@ -25,21 +25,14 @@ def test_checkpoint_roundtrip_and_pruning(tmp_path):
     np.testing.assert_array_equal(latest.weight_sums, [0, 1, 2])
     assert len(latest.history) == 4 and latest.history[0].inertia == 2.5
     names = sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir())
-    assert names == [
-        "centroids-000003.npy",
-        "centroids-000004.npy",
-        "state-000003.json",
-        "state-000004.json",
-        "weights-000003.npy",
-        "weights-000004.npy",
-    ]
+    assert names == ["ckpt-000003.npz", "ckpt-000004.npz"]  # one object each, two kept
 
 
 def test_torn_checkpoint_falls_back_to_previous(tmp_path):
     ckpt = Checkpoints(resolve(str(tmp_path)), {"k": 3})
     ckpt.save(state(1))
     ckpt.save(state(2))
-    (tmp_path / "centroids-000002.npy").write_bytes(b"\x93NUMPY torn")
+    (tmp_path / "ckpt-000002.npz").write_bytes(b"PK\x03\x04 torn")
     assert ckpt.latest().iteration == 1
 
 
@@ -52,7 +45,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 def test_checkpoints_never_unpickle(tmp_path):
     ckpt = Checkpoints(resolve(str(tmp_path)), {"k": 3})
     ckpt.save(state(1))
-    np.save(tmp_path / "centroids-000001.npy", np.array([object()]), allow_pickle=True)
+    np.savez(tmp_path / "ckpt-000001.npz", centroids=np.array([object()]), state=np.array("{}"))
     assert ckpt.latest() is None  # refused, not executed
 
 
