@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from ops.assign import CentroidIndex
-from ops.dataset import ArrayData, ShardedData
+from ops.dataset import ArrayData
 from ops.kmeans import KMeansParams, fit, init_state
 
 STRATEGIES = ("random", "closest")
@@ -182,8 +182,3 @@ def balanced_sample(
     starts = np.searchsorted(labels[order], np.arange(len(quota)))
     rank = np.arange(n) - starts[labels[order]]
     return np.sort(order[rank < quota[labels[order]]])
-
-
-def fit_level(data: ShardedData, params: KMeansParams) -> np.ndarray:
-    """One level: seed and run the k-means loop on ``data``."""
-    return fit(data, params, init_state(data, params)[0]).centroids
