@@ -9,8 +9,8 @@ both labels to 1.04-1.16x faiss's nearest search alone (65k x 128 rows, k = 1000
 cores; 1.5x with 4096-row blocks and separate passes for the factor and the bias). A
 second faiss search on augmented vectors costs 2.4x, and a top-m shortcut bounded by
 max(beta) falls back to full scores on nearly every row once beta is wider than the gaps
-between neighbouring centroids. BLAS threads follow OMP_NUM_THREADS, which the label
-pass sets per actor.
+between neighbouring centroids. The sgemm uses numpy's BLAS threads, which the label
+pass sets per actor (pipelines.cluster.limit_threads).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import ray.data
 
 from ops.assign import normalize_rows
 from ops.balanced import BalancedAssigner
-from pipelines.cluster import thread_env
+from pipelines.cluster import limit_threads
 from pipelines.datasource import embedding_dataset
 from pipelines.errors import InputError
 from pipelines.output import load_npy
@@ -51,6 +51,7 @@ class Labeler:
     """
 
     def __init__(self, centroids_url: str, storage_options: dict, spec: LabelSpec):
+        limit_threads(spec.threads)
         centroids = load_npy(resolve(centroids_url, storage_options))
         beta = None
         if spec.duals_url:  # beta = eps log v, in score units
@@ -121,7 +122,6 @@ def label_pass(
         compute=ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
-        runtime_env=thread_env(spec.threads),
     )
     labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
 

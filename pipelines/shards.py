@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import ray
 
@@ -28,7 +29,7 @@ from ops.dataset import sample_indices
 from ops.hierarchical import cluster_samples
 from ops.sinkhorn import RowBlock
 from ops.stats import PartialStats, partial_stats, reduce_stats
-from pipelines.cluster import thread_env
+from pipelines.cluster import limit_threads
 from pipelines.errors import InputError, PseudolabelError, ResourceError
 from pipelines.reader import Plan, ReadSettings, Shard, iter_batches
 
@@ -55,6 +56,7 @@ class ShardWorker:
     """Rows of some shards in memory, or a Ray Data split streamed in mini-batches."""
 
     def __init__(self, shards: list[Shard], settings: ReadSettings, spec: WorkerSpec, stream=None):
+        limit_threads(spec.threads)
         # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
         # so the actor is ready while the driver seeds; its first use waits if needed.
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
@@ -128,6 +130,7 @@ class ShardWorker:
             "skipped": dict(self.skipped),
             "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "pid": os.getpid(),
+            "threads": faiss.omp_get_max_threads(),
             "device": self.spec.device,
             "rows_dtype": self.device_rows.dtype if self.device_rows else str(self.x.dtype),
         }
@@ -287,7 +290,6 @@ class RayShardedData:
             max_restarts=self.spec.max_restarts,
             max_task_retries=self.spec.max_restarts,
             scheduling_strategy="SPREAD",
-            runtime_env=thread_env(self.spec.threads),
         )
         return actor.remote(shards, self.settings, self.spec, stream)
 

@@ -77,3 +77,15 @@ def test_too_many_workers_for_the_cluster_fail_fast(ray_local, small_dataset):
     spec = WorkerSpec(metric="l2", num_cpus=1.5, startup_timeout=3)
     with pytest.raises(ResourceError, match=r"1 of 2 workers did not start within 3 s"):
         RayShardedData(plan, settings, spec, workers=2)
+
+
+def test_workers_get_the_threads_they_are_sized_for(ray_local, small_dataset):
+    """Ray would give a 0.5-CPU actor one OpenMP thread; the sizing asks for two."""
+    root, _, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    spec = WorkerSpec(metric="l2", num_cpus=0.5, threads=2)
+    data = RayShardedData(plan, settings, spec, 1)
+    try:
+        assert [i["threads"] for i in data.infos] == [2]
+    finally:
+        data.shutdown()
