@@ -3,6 +3,8 @@ entrypoint names our real command with real flags (parsed by our own CLI parser)
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import shlex
 from pathlib import Path
 
@@ -92,6 +94,15 @@ def test_runtime_env():
     assert set(env) <= {"working_dir", "pip", "env_vars", "py_modules", "excludes"}
     assert env["working_dir"] == "."
     assert any(p.startswith("faiss") for p in env["pip"]["packages"])
+    # Every dependency (as installed from pyproject.toml) but what a Ray image with
+    # torch already has.
+    required = {name(r) for r in importlib.metadata.requires("pseudolabel") if "extra" not in r}
+    provided = {"ray", "torch", "numpy", "pyarrow", "fsspec"}
+    assert {name(p) for p in env["pip"]["packages"]} == required - provided
+
+
+def name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=;]", requirement, maxsplit=1)[0].lower()
 
 
 def test_readme_names_every_file():
