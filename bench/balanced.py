@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 from scipy.special import logsumexp
 
-from bench.common import OUT, dataset, save, start_ray, timer
+from bench.common import OUT, dataset, save, size_parser, start_ray, timer
 from ops.kmeans import KMeansParams, fit, init_state
 from ops.metrics import size_stats
 from ops.sinkhorn import RowBlock, epsilon_schedule, proportions, scores, sinkhorn
@@ -60,10 +59,7 @@ def dense_log_sinkhorn(S: np.ndarray, q: np.ndarray, epsilon: float, tol: float)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=1000)
+    p = size_parser(rows=1_000_000, dim=128, k=1000)
     p.add_argument("--reference-rows", type=int, default=5_000)
     p.add_argument("--reference-epsilon", type=float, default=0.05)
     a = p.parse_args()

@@ -6,6 +6,7 @@ run on the same machine and prints ratios: single timings are noise on shared ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,18 @@ import numpy as np
 from pipelines.demo import mixture, write_parquet_shards
 
 OUT = Path(__file__).parent / "out"
+
+
+def size_parser(
+    rows: int = 1_000_000, dim: int = 128, k: int | None = 1024
+) -> argparse.ArgumentParser:
+    """An argument parser with --rows, --dim and (unless k is None) --k, at these defaults."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=rows)
+    p.add_argument("--dim", type=int, default=dim)
+    if k is not None:
+        p.add_argument("--k", type=int, default=k)
+    return p
 
 
 def dataset(

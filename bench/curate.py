@@ -14,7 +14,6 @@ try --levels 5000,500,50 to see it. Levels at or above the component count keep 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from bench.common import OUT, save, start_ray
+from bench.common import OUT, save, size_parser, start_ray
 from ops.metrics import size_stats
 from pipelines.config import build
 from pipelines.curate import curate, parse_levels
@@ -30,9 +29,7 @@ from pipelines.demo import long_tail_weights, mixture, write_parquet_shards
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
+    p = size_parser(rows=1_000_000, dim=64, k=None)
     p.add_argument("--levels", default="5000,2000,1000")
     p.add_argument("--sample-size", type=int, default=100_000)
     a = p.parse_args()

@@ -9,7 +9,6 @@ Labeler actor pool, write to staging), sized as the CLI sizes it. Ray start-up e
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -18,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from bench.common import OUT, dataset, save, start_ray, timer
+from bench.common import OUT, dataset, save, size_parser, start_ray, timer
 from ops.assign import CentroidIndex
 from pipelines.cluster import size_pools
 from pipelines.config import build
@@ -47,10 +46,7 @@ def plain_loop(root, centroids, out) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=1024)
+    p = size_parser(rows=1_000_000, dim=128, k=1024)
     a = p.parse_args()
     root, x = dataset(a.rows, a.dim)
     centroids = x[np.random.default_rng(0).choice(len(x), a.k, replace=False)]

@@ -10,12 +10,11 @@ reported too. Ray start-up is excluded; reading the parquet shards is reported a
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import faiss
 
-from bench.common import dataset, inertia, save, start_ray, timer
+from bench.common import dataset, inertia, save, size_parser, start_ray, timer
 from ops.kmeans import KMeansParams, fit, init_state
 from pipelines.reader import ReadSettings, make_plan
 from pipelines.shards import RayShardedData, WorkerSpec
@@ -37,10 +36,7 @@ def ours(root, k, iterations, init, workers, results, tag):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=1024)
+    p = size_parser(rows=1_000_000, dim=128, k=1024)
     p.add_argument("--iterations", type=int, default=10)
     a = p.parse_args()
     cores = os.cpu_count()

@@ -14,14 +14,13 @@ of the first fit are reused, as on a live cluster).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import ray
 from sklearn.cluster import MiniBatchKMeans
 
-from bench.common import dataset, inertia, save, start_ray, timer
+from bench.common import dataset, inertia, save, size_parser, start_ray, timer
 from ops.kmeans import KMeansParams, fit, init_state
 from pipelines.cluster import size_pools
 from pipelines.config import build
@@ -30,10 +29,7 @@ from pipelines.shards import RayStreamingData, WorkerSpec
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=1024)
+    p = size_parser(rows=1_000_000, dim=128, k=1024)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, default=2)
     a = p.parse_args()

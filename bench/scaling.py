@@ -12,13 +12,12 @@ The numbers feed docs/scaling.md, whose formulas are checked against them.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import ops.kmeans as kmeans_module
 import pipelines.shards as shards_module
-from bench.common import dataset, save, start_ray, timer
+from bench.common import dataset, save, size_parser, start_ray, timer
 from ops.kmeans import KMeansParams, fit, init_state
 from pipelines.reader import ReadSettings, make_plan
 from pipelines.shards import RayShardedData, WorkerSpec
@@ -70,9 +69,7 @@ def fit_once(root, k, iterations, workers, cpus):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=500_000)
-    p.add_argument("--dim", type=int, default=128)
+    p = size_parser(rows=500_000, dim=128, k=None)
     a = p.parse_args()
     root, _ = dataset(a.rows, a.dim, tag="-scaling")
     r: dict = {"rows": a.rows, "dim": a.dim, "cores": os.cpu_count()}

@@ -10,22 +10,18 @@ the time spent writing checkpoints over the time of the iterations, from the man
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 
-from bench.common import OUT, dataset, save, start_ray
+from bench.common import OUT, dataset, save, size_parser, start_ray
 from pipelines.config import build
 from pipelines.run import run
 from tests.s3server import S3
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=1024)
+    p = size_parser(rows=1_000_000, dim=128, k=1024)
     a = p.parse_args()
     root, _ = dataset(a.rows, a.dim)
     r: dict = {"rows": a.rows, "dim": a.dim, "k": a.k, "cores": os.cpu_count()}
