@@ -53,7 +53,6 @@ class BalancedAssigner:
         self.metric = metric
         self.beta = None if beta is None else np.asarray(beta, np.float32)
         self.epsilon = epsilon
-        self.device = device
         self.index = CentroidIndex(self.centroids, metric, device) if beta is None else None
         self.augmented = None if beta is None else _augmented_centroids(self.centroids, metric)
 

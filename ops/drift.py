@@ -32,10 +32,15 @@ def match_centroids(previous: np.ndarray, current: np.ndarray) -> tuple[np.ndarr
     return I[:, 0], "nearest"
 
 
+def matched_shifts(previous: np.ndarray, current: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Distance each matched previous centroid moved (unmatched ones skipped)."""
+    ok = mapping >= 0
+    return np.linalg.norm(previous[ok] - current[mapping[ok]], axis=1)
+
+
 def centroid_shift(previous: np.ndarray, current: np.ndarray, mapping: np.ndarray) -> dict:
     """Distances between matched centroids: mean, median, max (unmatched ones skipped)."""
-    ok = mapping >= 0
-    d = np.linalg.norm(previous[ok] - current[mapping[ok]], axis=1)
+    d = matched_shifts(previous, current, mapping)
     return {"mean": float(d.mean()), "median": float(np.median(d)), "max": float(d.max())}
 
 

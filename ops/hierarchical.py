@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ops.assign import CentroidIndex
+from ops.assign import CentroidIndex, squared_distances
 from ops.dataset import ArrayData
 from ops.kmeans import KMeansParams, fit, init_state
 
@@ -41,17 +41,36 @@ def cluster_samples(
     labels: np.ndarray,
     d2: np.ndarray,
     k: int,
-    per_cluster: int,
+    per_cluster: int | np.ndarray,
     strategy: str,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Row indices: up to ``per_cluster`` of each of the k clusters given by ``labels``,
-    at random or with the smallest squared distances ``d2`` to their centroid."""
+    """Row indices: up to ``per_cluster`` (one count, or one per cluster) of each of the
+    k clusters given by ``labels``, at random or with the smallest squared distances
+    ``d2`` to their centroid."""
     order = np.lexsort((rng.random(len(labels)) if strategy == "random" else d2, labels))
     sorted_labels = labels[order]
     starts = np.searchsorted(sorted_labels, np.arange(k))
     rank = np.arange(len(order)) - starts[sorted_labels]
-    return order[rank < per_cluster]
+    quota = np.broadcast_to(np.asarray(per_cluster), (k,))
+    return order[rank < quota[sorted_labels]]
+
+
+def nearest_cluster_samples(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    metric: str,
+    per_cluster: int,
+    strategy: str,
+    rng: np.random.Generator,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, labels, d2) of ``cluster_samples`` over x assigned to its nearest centroid;
+    labels and squared distances are those of the chosen rows."""
+    D, I = CentroidIndex(centroids, metric, device).search(x)
+    labels, d2 = I[:, 0], squared_distances(D[:, 0], metric)
+    rows = cluster_samples(labels, d2, len(centroids), per_cluster, strategy, rng)
+    return rows, labels[rows], d2[rows]
 
 
 def resample_refine(
@@ -109,7 +128,7 @@ def upper_levels(
         c = fit(data, p, init_state(data, p)[0]).centroids
         if steps:
             size = per_cluster or max(1, len(below) // (2 * k))
-            c = resample_refine(InMemorySampler(data.x), c, p, steps, size, strategy)
+            c = resample_refine(InMemorySampler(data.x, data.metric), c, p, steps, size, strategy)
         _, I = CentroidIndex(c, data.metric).search(below)
         centroids.append(c)
         parents.append(I[:, 0])
@@ -123,9 +142,10 @@ class InMemorySampler:
         self.x, self.metric = x, metric
 
     def cluster_samples(self, centroids, per_cluster, strategy, seed):
-        D, I = CentroidIndex(centroids, self.metric).search(self.x)
         rng = np.random.default_rng(seed)
-        rows = cluster_samples(I[:, 0], D[:, 0], len(centroids), per_cluster, strategy, rng)
+        rows, _, _ = nearest_cluster_samples(
+            self.x, centroids, self.metric, per_cluster, strategy, rng
+        )
         return np.asarray(self.x[rows], np.float32)
 
 
@@ -162,7 +182,7 @@ def balanced_sample(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     rng = np.random.default_rng(seed)
-    n, levels = paths.shape
+    levels = paths.shape[1]
     # Shares top down: quota[level][cluster] = rows to draw under that cluster.
     top = paths[:, -1]
     quota = water_fill(np.bincount(top), target, rng)
@@ -177,8 +197,4 @@ def balanced_sample(
             members = np.flatnonzero((parent_of == p) & (sizes > 0))
             child_quota[members] = water_fill(sizes[members], quota[p], rng)
         quota = child_quota
-    labels = paths[:, 0]
-    order = np.lexsort((rng.random(n) if strategy == "random" else d2, labels))
-    starts = np.searchsorted(labels[order], np.arange(len(quota)))
-    rank = np.arange(n) - starts[labels[order]]
-    return np.sort(order[rank < quota[labels[order]]])
+    return np.sort(cluster_samples(paths[:, 0], d2, len(quota), quota, strategy, rng))

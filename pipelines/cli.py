@@ -64,8 +64,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import json
-
     from pipelines.errors import InputError
     from pipelines.output import RunOutput
     from pipelines.report import write_report

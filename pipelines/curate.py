@@ -20,7 +20,6 @@ import io
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from ops.metrics import size_stats
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError
 from pipelines.fit import params_of
+from pipelines.label import read_label_columns
 from pipelines.output import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
 from pipelines.run import run, versions
 from pipelines.storage import Location, resolve
@@ -129,12 +129,7 @@ def curate(
 
 
 def _level1_assignments(files: list[Location]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    def read(loc: Location) -> pa.Table:
-        with loc.open() as f:
-            return pq.read_table(f, columns=["id", "label", "distance"])
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        table = pa.concat_tables(list(pool.map(read, files)))
+    table = pa.concat_tables(read_label_columns(files, ["id", "label", "distance"]))
     return (
         table.column("id").combine_chunks(),
         table.column("label").to_numpy(),

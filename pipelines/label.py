@@ -172,8 +172,7 @@ def count_labels(
 
 def _count_file(loc: Location, k: int, columns: tuple[str, ...], truth_column: str | None):
     wanted = [*columns, "distance"] + ([truth_column] if truth_column else [])
-    with loc.open() as f:
-        table = pq.read_table(f, columns=wanted)
+    table = read_columns(loc, wanted)
     truths = table.column(truth_column).to_pylist() if truth_column else None
     distance = float(table.column("distance").to_numpy().sum(dtype=np.float64))
     out = {}
@@ -192,8 +191,7 @@ def drop_duplicate_ids(files: list[Location], on_bad_rows: str) -> int:
     ``error``: an InputError with examples. ``skip``: the later occurrences (in file,
     then row order) are dropped by rewriting the affected files; returns their count.
     """
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        columns = list(pool.map(lambda f: _read_column(f, "id"), files))
+    columns = [t.column("id") for t in read_label_columns(files, ["id"])]
     if not columns:
         return 0
     ids = pa.concat_arrays([c.combine_chunks() for c in columns])
@@ -222,6 +220,14 @@ def drop_duplicate_ids(files: list[Location], on_bad_rows: str) -> int:
     return dropped
 
 
-def _read_column(loc: Location, column: str) -> pa.ChunkedArray:
+def read_columns(loc: Location, columns: list[str]) -> pa.Table:
+    """Some columns of one parquet file."""
     with loc.open() as f:
-        return pq.read_table(f, columns=[column]).column(column)
+        return pq.read_table(f, columns=columns)
+
+
+def read_label_columns(files: list[Location], columns: list[str]) -> list[pa.Table]:
+    """``columns`` of every label file, one table per file in order, read in driver
+    threads (the small columns only: a Ray pass would cost more to start)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda f: read_columns(f, columns), files))

@@ -4,15 +4,14 @@ against last night's run, both read from storage by URL."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ops.drift import centroid_shift, changed_fraction, match_centroids
 from pipelines.config import RunConfig
 from pipelines.errors import ConfigError
+from pipelines.label import read_label_columns
 from pipelines.output import CENTROIDS, LABELS, load_npy
 from pipelines.storage import Location, resolve
 
@@ -79,14 +78,8 @@ def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]
 
 
 def ids_and_labels(files: list[Location]) -> pa.Table:
-    """(id, label) of every row in label files, read in threads (small columns only)."""
-
-    def read(loc: Location) -> pa.Table:
-        with loc.open() as f:
-            return pq.read_table(f, columns=["id", "label"])
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        tables = list(pool.map(read, files))
+    """(id, label) of every row in label files."""
+    tables = read_label_columns(files, ["id", "label"])
     if not tables:
         return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int32())})
     return pa.concat_tables(tables)

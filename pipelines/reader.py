@@ -21,7 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.errors import InputError
-from pipelines.storage import Location, is_transport_error, resolve, storage_errors
+from pipelines.storage import (
+    Location,
+    first_line,
+    is_transport_error,
+    resolve,
+    storage_errors,
+)
 
 SUFFIXES = {".parquet": "parquet", ".npy": "npy"}
 NPY_BLOCK_ROWS = 65536  # .npy files are read (and split) in blocks of this many rows
@@ -400,7 +406,7 @@ def _problem(shard: Shard, e: BaseException) -> str:
     if is_transport_error(e):
         with storage_errors(shard.file.url):
             raise e
-    return f"corrupt or truncated file ({_first_line(e)})"
+    return f"corrupt or truncated file ({first_line(e)})"
 
 
 def _unreadable(shard: Shard, settings: ReadSettings, rows: int, problem: str, with_ids: bool):
@@ -415,10 +421,6 @@ def _unreadable(shard: Shard, settings: ReadSettings, rows: int, problem: str, w
         Counter({problem.split(" (")[0]: rows}),
         rows,
     )
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _parquet_blocks(loc: Location, shard: Shard, settings: ReadSettings, with_ids: bool):

@@ -66,13 +66,11 @@ def _figures(manifest: dict[str, Any], storage_options: dict) -> list[tuple[str,
 
     drift = manifest.get("drift")
     if drift and not drift.get("missing"):
-        from ops.drift import match_centroids
+        from ops.drift import match_centroids, matched_shifts
 
         previous = load_npy(resolve(drift["previous_run"], storage_options).join(CENTROIDS))
         current = np.asarray(manifest["_centroids"])
-        mapping, _ = match_centroids(previous, current)
-        ok = mapping >= 0
-        shift = np.linalg.norm(previous[ok] - current[mapping[ok]], axis=1)
+        shift = matched_shifts(previous, current, match_centroids(previous, current)[0])
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.hist(shift, bins=40)
         ax.set(

@@ -24,9 +24,9 @@ import faiss
 import numpy as np
 import ray
 
-from ops.assign import CentroidIndex, normalize_rows, squared_distances
+from ops.assign import CentroidIndex, normalize_rows
 from ops.dataset import sample_indices
-from ops.hierarchical import cluster_samples
+from ops.hierarchical import cluster_samples, nearest_cluster_samples
 from ops.sinkhorn import RowBlock
 from ops.stats import PartialStats, partial_stats, reduce_stats
 from pipelines.cluster import limit_threads
@@ -98,7 +98,6 @@ class ShardWorker:
         if self.spec.metric == "ip":
             self._reject_zero_rows()
             self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
-        self.device_rows = None
         if self.spec.device == "cuda":  # rows stay on the GPU for every iteration
             from ops.gpu import DeviceRows, backend
 
@@ -152,11 +151,11 @@ class ShardWorker:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels, squared distances, rows): up to per_cluster of this worker's rows in
         every cluster, for the resampling refinement."""
-        D, I = CentroidIndex(centroids, self.spec.metric, self.spec.device).search(self.x)
-        d2 = squared_distances(D[:, 0], self.spec.metric)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(int(self.rows[0]),)))
-        rows = cluster_samples(I[:, 0], d2, len(centroids), per_cluster, strategy, rng)
-        return I[rows, 0], d2[rows], np.asarray(self.x[rows], np.float32)
+        rows, labels, d2 = nearest_cluster_samples(
+            self.x, centroids, self.spec.metric, per_cluster, strategy, rng, self.spec.device
+        )
+        return labels, d2, np.asarray(self.x[rows], np.float32)
 
     # -- Sinkhorn: the row side of the balanced assignment (ops.sinkhorn.RowBlock) --
     # Every call carries what the block needs (centroids, beta, eps, a stage token), so

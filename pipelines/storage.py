@@ -122,9 +122,8 @@ class Location:
         """Fail fast, with a clear message, when the input cannot be listed."""
         with storage_errors(self.url):
             if not self.fs.exists(self.path):
-                bucket = self.path.split("/", 1)[0]
-                if not self.is_local and not self.fs.exists(bucket):
-                    raise StorageError(f"{self.url}: bucket {bucket!r} does not exist")
+                if not self.is_local and not self.fs.exists(self._bucket()):
+                    raise self._no_bucket()
                 raise InputError(f"{self.url} does not exist")
 
     def check_writable(self) -> None:
@@ -135,9 +134,14 @@ class Location:
             try:
                 probe.write_bytes(b"")
             except FileNotFoundError:
-                bucket = self.path.split("/", 1)[0]
-                raise StorageError(f"{self.url}: bucket {bucket!r} does not exist") from None
+                raise self._no_bucket() from None
             probe.remove()
+
+    def _bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def _no_bucket(self) -> StorageError:
+        return StorageError(f"{self.url}: bucket {self._bucket()!r} does not exist")
 
     def arrow_fs(self) -> pafs.FileSystem:
         """A pyarrow filesystem over the same fsspec one, for Ray Data's writers."""
@@ -192,21 +196,17 @@ def storage_errors(url: str) -> Iterator[None]:
             "--storage-options) and the bucket policy"
         ) from None
     except FileNotFoundError as e:
-        raise StorageError(f"{url}: not found ({_reason(e)})") from None
-    except OSError as e:  # what s3fs raises once its and botocore's retries are spent
+        raise StorageError(f"{url}: not found ({first_line(e)})") from None
+    except Exception as e:  # botocore / aiohttp connection and timeout errors, or the
+        # OSError s3fs raises once its and botocore's retries are spent
         if is_transport_error(e):
             raise StorageError(
                 f"{url}: cannot reach the object store ({type(e).__name__}); check the "
                 "endpoint and the network"
             ) from None
-        raise StorageError(
-            f"{url}: the object store refused, after retries: {_reason(e)}"
-        ) from None
-    except Exception as e:  # botocore / aiohttp connection and timeout errors
-        if is_transport_error(e):
+        if isinstance(e, OSError):
             raise StorageError(
-                f"{url}: cannot reach the object store ({type(e).__name__}); check the "
-                "endpoint and the network"
+                f"{url}: the object store refused, after retries: {first_line(e)}"
             ) from None
         raise
 
@@ -218,9 +218,9 @@ def is_transport_error(e: BaseException) -> bool:
     return any(word in name for word in ("Connect", "Timeout", "Endpoint", "Connection"))
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), capped."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

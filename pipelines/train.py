@@ -104,15 +104,21 @@ def _split(
     return out
 
 
-def joined_dataset(cfg: TrainConfig, labels_url: str, columns: list[str]) -> tuple:
-    """(embeddings joined to the label columns by id, materialised; dim)."""
+def _plan(cfg: TrainConfig, extra_columns: tuple[str, ...] = ()) -> tuple:
+    """(plan, read settings) of the embeddings, read as float32."""
     settings = ReadSettings(
         id_column=cfg.id_column,
         embedding_column=cfg.embedding_column,
+        extra_columns=extra_columns,
         storage_options=cfg.storage_options,
     )
     plan = make_plan(cfg.input, settings)
-    settings = dataclasses.replace(settings, dim=plan.dim, dtype="float32")
+    return plan, dataclasses.replace(settings, dim=plan.dim, dtype="float32")
+
+
+def joined_dataset(cfg: TrainConfig, labels_url: str, columns: list[str]) -> tuple:
+    """(embeddings joined to the label columns by id, materialised; dim)."""
+    plan, settings = _plan(cfg)
     labels_root = resolve(labels_url, cfg.storage_options).join(LABELS)
     labels = ray.data.read_parquet(
         labels_root.path, filesystem=labels_root.arrow_fs(), columns=["id", *columns]
@@ -163,13 +169,14 @@ def _train_loop(loop: dict) -> None:
     model = ray.train.torch.prepare_model(
         make_head(loop["dim"], loop["k"], loop["head"], loop["hidden"])
     )
+    inner = model.module if hasattr(model, "module") else model  # unwrapped from DDP
     opt = torch.optim.Adam(model.parameters(), lr=loop["lr"])
     history: list = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        inner.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = list(state["history"])
     resumed_from = len(history)
@@ -218,7 +225,6 @@ def _train_loop(loop: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             saved = None
             if ray.train.get_context().get_world_rank() == 0:
-                inner = model.module if hasattr(model, "module") else model
                 torch.save(
                     {
                         "model": inner.state_dict(),
@@ -288,10 +294,11 @@ def train_head(
     return HeadResult(list(state["history"]), state["model"])
 
 
-def _head_module(cfg: TrainConfig, state: dict, dim: int, k: int):
+def _head_module(state: dict, kind: str, hidden: int, dim: int, k: int):
+    """A trained head, in eval mode, from its state_dict."""
     from ops.probe import make_head
 
-    head = make_head(dim, k, cfg.head, cfg.hidden)
+    head = make_head(dim, k, kind, hidden)
     head.load_state_dict(state)
     return head.eval()
 
@@ -375,7 +382,7 @@ def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:
     )
     report = {"raw_embeddings": {"probe_accuracy": linear_probe(xt, yt, xh, yh)}}
     for name, result in heads.items():
-        head = _head_module(cfg, result.state, dim, k)
+        head = _head_module(result.state, cfg.head, cfg.hidden, dim, k)
         report[name] = {
             "probe_accuracy": linear_probe(
                 head_features(head, xt), yt, head_features(head, xh), yh
@@ -391,11 +398,7 @@ class _Features:
     other columns (a truth column) pass through."""
 
     def __init__(self, state: dict, head: str, hidden: int, dim: int, k: int):
-        from ops.probe import make_head
-
-        self.head = make_head(dim, k, head, hidden)
-        self.head.load_state_dict(state)
-        self.head.eval()
+        self.head = _head_module(state, head, hidden, dim, k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from ops.probe import head_features
@@ -413,14 +416,8 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
     from pipelines.run import run
 
     out = resolve(cfg.output, cfg.storage_options)
-    settings = ReadSettings(
-        id_column=cfg.id_column,
-        embedding_column=cfg.embedding_column,
-        extra_columns=(cfg.truth_column,) if cfg.truth_column else (),  # carried through
-        storage_options=cfg.storage_options,
-    )
-    plan = make_plan(cfg.input, settings)
-    settings = dataclasses.replace(settings, dim=plan.dim, dtype="float32")
+    truth = (cfg.truth_column,) if cfg.truth_column else ()
+    plan, settings = _plan(cfg, extra_columns=truth)  # the truth is carried through
     previous_url, state, rounds = cfg.labels, first.state, []
     for r in range(1, cfg.rounds + 1):
         features = out.join("rounds", str(r), "features")
