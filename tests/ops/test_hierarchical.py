@@ -34,6 +34,25 @@ def test_cluster_samples_takes_the_closest():
     assert sorted(rows.tolist()) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_in_memory_sampler_takes_the_closest_in_its_metric(metric):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    centroids = x[:4].copy()
+    got = InMemorySampler(x, metric).cluster_samples(centroids, 3, "closest", seed=0)
+    # Each centroid is a row of x: the closest row of its cluster is that row itself.
+    for c in centroids:
+        assert (np.abs(got - c).sum(axis=1) < 1e-6).any()
+
+
+def test_cluster_samples_takes_a_quota_per_cluster():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    d2 = np.array([3.0, 1.0, 2.0, 5.0, 4.0, 9.0])
+    rows = cluster_samples(labels, d2, 3, np.array([1, 2, 0]), "closest", np.random.default_rng(0))
+    assert sorted(rows.tolist()) == [1, 3, 4]
+
+
 @pytest.fixture(scope="module")
 def long_tail():
     x, truth = mixture(30_000, 16, 30, seed=3, weights=long_tail_weights(30, 1.5))
