@@ -24,16 +24,18 @@ import ray
 from scipy.special import logsumexp
 
 from bench.common import OUT, dataset, save, size_parser, start_ray, timer
-from ops.kmeans import KMeansParams, fit, init_state
-from ops.metrics import size_stats
-from ops.sinkhorn import RowBlock, epsilon_schedule, proportions, scores, sinkhorn
-from pipelines.cluster import size_pools
-from pipelines.config import build
-from pipelines.label import LabelPool, LabelSpec, label_pass
-from pipelines.output import npy_bytes
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, SinkhornShards, WorkerSpec
-from pipelines.storage import resolve
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.ops.metrics import size_stats
+from pseudolabel.ops.sinkhorn import RowBlock, epsilon_schedule, proportions, scores, sinkhorn
+from pseudolabel.pipelines.config import build
+from pseudolabel.pipelines.io.layout import npy_bytes
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.io.storage import resolve
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.session import size_pools
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.sinkhorn import SinkhornShards
+from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
 
 
 def dense_log_sinkhorn(S: np.ndarray, q: np.ndarray, epsilon: float, tol: float) -> tuple:
@@ -70,7 +72,7 @@ def main() -> None:
     sizing = size_pools(config, ray.cluster_resources())
     plan = make_plan(str(root), ReadSettings())
     settings = ReadSettings(dim=plan.dim)
-    data = RayShardedData(
+    data = ResidentShards.from_plan(
         plan, settings, WorkerSpec("l2", threads=sizing.worker_threads), sizing.workers
     )
     try:
@@ -105,14 +107,9 @@ def main() -> None:
     c_loc.write_bytes(npy_bytes(centroids))
     d_loc.write_bytes(npy_bytes(result.log_duals))
     pool = LabelPool(sizing.label_workers, config.cpus_per_worker, 0, config.label_batch_rows)
-    plain = LabelSpec("l2", 0, plan.id_type, threads=sizing.label_threads)
+    plain = LabelSpec("l2", threads=sizing.label_threads)
     balanced = LabelSpec(
-        "l2",
-        0,
-        plan.id_type,
-        threads=sizing.label_threads,
-        duals_url=d_loc.url,
-        epsilon=result.epsilon,
+        "l2", threads=sizing.label_threads, duals=d_loc.url, epsilon=result.epsilon
     )
     # Warm the Ray workers once so both timed passes start alike; then alternate.
     label_pass(plan, settings, c_loc, plain, pool, resolve(str(work / "warm")))

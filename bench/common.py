@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.demo import mixture, write_parquet_shards
+from tests.data import mixture, write_parquet_shards
 
 OUT = Path(__file__).parent / "out"
 

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench.common import OUT, save, size_parser, start_ray
-from ops.metrics import size_stats
-from pipelines.config import build
-from pipelines.curate import curate, parse_levels
-from pipelines.demo import long_tail_weights, mixture, write_parquet_shards
+from pseudolabel.ops.metrics import size_stats
+from pseudolabel.pipelines.commands.curate import curate
+from pseudolabel.pipelines.config import CurateConfig, build_config
+from tests.data import long_tail_weights, mixture, write_parquet_shards
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--levels", default="5000,2000,1000")
     p.add_argument("--sample-size", type=int, default=100_000)
     a = p.parse_args()
-    levels = parse_levels(a.levels)
+    levels = CurateConfig(levels=a.levels).level_sizes()
     components = 1000
     x, truth = mixture(a.rows, a.dim, components, seed=5, weights=long_tail_weights(components))
     work = OUT / "curate"
@@ -44,16 +44,16 @@ def main() -> None:
     r["ray_start"] = start_ray(os.cpu_count())
     t0 = time.perf_counter()
     manifest = curate(
-        build(
+        build_config(
+            CurateConfig,
             input=str(work / "in"),
             output=str(work / "out"),
-            k=levels[0],
+            levels=a.levels,
+            sample_size=a.sample_size,
+            strategy="random",
             iterations=10,
             resampling_steps=2,
-        ),
-        levels,
-        a.sample_size,
-        "random",
+        )
     )
     r["seconds"] = time.perf_counter() - t0
     ids = pq.read_table(work / "out" / "selection", columns=["id"]).column("id").to_numpy()

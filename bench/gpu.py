@@ -28,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA device; none is visible here")
-    from ops.gpu import DeviceRows, backend
+    from pseudolabel.ops.gpu import DeviceRows, backend
 
     device = torch.cuda.get_device_name(0)
     n, d, k = a.rows, a.dim, a.k

@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import ray
 
 from bench.common import OUT, dataset, save, size_parser, start_ray, timer
-from ops.assign import CentroidIndex
-from pipelines.cluster import size_pools
-from pipelines.config import build
-from pipelines.label import LabelPool, LabelSpec, label_pass
-from pipelines.output import npy_bytes
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.storage import resolve
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.pipelines.config import build
+from pseudolabel.pipelines.io.layout import npy_bytes
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.io.storage import resolve
+from pseudolabel.pipelines.runtime.session import size_pools
+from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
 
 
 def plain_loop(root, centroids, out) -> int:
@@ -64,7 +64,7 @@ def main() -> None:
     plan = make_plan(str(root), ReadSettings())
     centroids_loc = resolve(str(work / "centroids.npy"))
     centroids_loc.write_bytes(npy_bytes(centroids))
-    spec = LabelSpec(metric="l2", topk=0, id_type=plan.id_type, threads=sizing.label_threads)
+    spec = LabelSpec(metric="l2", topk=0, threads=sizing.label_threads)
     pool = LabelPool(sizing.label_workers, config.cpus_per_worker, 0, config.label_batch_rows)
     # The first pass in a fresh Ray pays for worker processes and imports (what one
     # `pseudolabel run` pays); the second shows the steady state of the same pass.

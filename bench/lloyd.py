@@ -15,16 +15,17 @@ import os
 import faiss
 
 from bench.common import dataset, inertia, save, size_parser, start_ray, timer
-from ops.kmeans import KMeansParams, fit, init_state
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, WorkerSpec
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
 
 
 def ours(root, k, iterations, init, workers, results, tag):
     plan = make_plan(str(root), ReadSettings())
     settings = ReadSettings(dim=plan.dim)
     with timer(results, f"{tag}_load"):
-        data = RayShardedData(plan, settings, WorkerSpec("l2"), workers)
+        data = ResidentShards.from_plan(plan, settings, WorkerSpec("l2"), workers)
     params = KMeansParams(k=k, iterations=iterations, tol=0, seed=1, init=init)
     try:
         with timer(results, f"{tag}_fit"):

@@ -21,11 +21,12 @@ import ray
 from sklearn.cluster import MiniBatchKMeans
 
 from bench.common import dataset, inertia, save, size_parser, start_ray, timer
-from ops.kmeans import KMeansParams, fit, init_state
-from pipelines.cluster import size_pools
-from pipelines.config import build
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayStreamingData, WorkerSpec
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.config import build
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.session import size_pools
+from pseudolabel.pipelines.stages.fit import start_workers
 
 
 def main() -> None:
@@ -63,7 +64,8 @@ def main() -> None:
         snaps = []
         t0 = time.perf_counter()
         with timer(r, f"{run}_fit"):
-            data = RayStreamingData(plan, ReadSettings(dim=plan.dim), spec, sizing.workers, 1)
+            settings = ReadSettings(dim=plan.dim)
+            data = start_workers(config, plan, settings, spec, sizing.workers)
             state, _ = init_state(data, params)
             snaps.append((time.perf_counter() - t0, state.centroids.copy()))
             fit(

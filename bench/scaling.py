@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import time
 
-import ops.kmeans as kmeans_module
-import pipelines.shards as shards_module
+import pseudolabel.ops.kmeans as kmeans_module
+import pseudolabel.pipelines.runtime.shards as shards_module
 from bench.common import dataset, save, size_parser, start_ray, timer
-from ops.kmeans import KMeansParams, fit, init_state
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, WorkerSpec
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
 
 
 class DriverClock:
@@ -53,7 +54,7 @@ class DriverClock:
 
 def fit_once(root, k, iterations, workers, cpus):
     plan = make_plan(str(root), ReadSettings())
-    data = RayShardedData(
+    data = ResidentShards.from_plan(
         plan, ReadSettings(dim=plan.dim), WorkerSpec("l2", num_cpus=cpus), workers
     )
     try:

@@ -19,10 +19,10 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from bench.common import OUT, save, start_ray
-from pipelines.config import build
-from pipelines.demo import write_parquet_shards
-from pipelines.run import run
-from pipelines.train import TrainConfig, train
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.commands.train import train
+from pseudolabel.pipelines.config import TrainConfig, build
+from tests.data import write_parquet_shards
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import shutil
 import time
 
 from bench.common import OUT, dataset, save, size_parser, start_ray
-from pipelines.config import build
-from pipelines.run import run
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.config import build
 from tests.s3server import S3
 
 

@@ -1,33 +1,20 @@
 """Exact nearest-centroid search: the one place that calls faiss's brute-force kernels.
 
 Distances follow faiss's conventions: squared L2 for ``metric="l2"`` and inner products
-for ``metric="ip"`` (spherical k-means on unit vectors). Rows may be stored as float16;
-they are widened to float32 one chunk at a time, so memory stays O(chunk).
+for ``metric="ip"`` (spherical k-means on unit vectors); ``ops.scores`` turns either
+into squared L2. Rows may be stored as float16; they are widened to float32 one chunk at
+a time, so memory stays O(chunk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import faiss
 import numpy as np
 
-METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
+from pseudolabel.ops.arrays import DEFAULT_CHUNK_ROWS, as_float32, iter_chunks
+from pseudolabel.ops.scores import METRICS
 
-# Rows per faiss call. faiss blocks queries internally (4096 rows per BLAS call), so this
-# only bounds the float32 copy of a float16 chunk and the (chunk, m) result buffers.
-DEFAULT_CHUNK_ROWS = 65536
-
-
-def iter_chunks(n: int, chunk_rows: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``chunk_rows`` rows covering ``range(n)``."""
-    for start in range(0, n, chunk_rows):
-        yield slice(start, min(start + chunk_rows, n))
-
-
-def as_float32(x: np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 view of ``x`` (a copy only when needed)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
+FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 
 
 class CentroidIndex:
@@ -39,7 +26,7 @@ class CentroidIndex:
 
     def __init__(self, centroids: np.ndarray, metric: str = "l2", device: str = "cpu"):
         if metric not in METRICS:
-            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.centroids = as_float32(centroids)
         self.k, self.d = self.centroids.shape
         self.metric = metric
@@ -60,26 +47,9 @@ class CentroidIndex:
 
 def _make_backend(centroids: np.ndarray, metric: str, device: str):
     if device == "cpu":
-        index = faiss.IndexFlat(centroids.shape[1], METRICS[metric])
+        index = faiss.IndexFlat(centroids.shape[1], FAISS_METRICS[metric])
         index.add(centroids)
         return index.search
-    from ops import gpu  # CUDA only; keeps torch/faiss-GPU imports off the CPU path
+    from pseudolabel.ops import gpu  # CUDA only: keeps the GPU imports off the CPU path
 
     return gpu.make_search(centroids, metric, device)
-
-
-def squared_distances(D: np.ndarray, metric: str) -> np.ndarray:
-    """Turn search results into squared L2 distances.
-
-    For ``ip`` the rows and centroids are unit vectors, so ``|x - c|^2 = 2 - 2 x.c``.
-    """
-    if metric == "l2":
-        return np.maximum(D, 0.0)
-    return np.maximum(2.0 - 2.0 * D, 0.0)
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32). Prior validation: no zero rows."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    faiss.normalize_L2(x)
-    return x

@@ -10,7 +10,8 @@ cores; 1.5x with 4096-row blocks and separate passes for the factor and the bias
 second faiss search on augmented vectors costs 2.4x, and a top-m shortcut bounded by
 max(beta) falls back to full scores on nearly every row once beta is wider than the gaps
 between neighbouring centroids. The sgemm uses numpy's BLAS threads, which the label
-pass sets per actor (pipelines.cluster.limit_threads).
+pass sets per actor (pipelines.runtime.session.limit_threads). The score expansion and
+its conversion to distances are ``ops.scores``'s; only the fused layout is kept here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.assign import CentroidIndex, as_float32, iter_chunks, squared_distances
+from pseudolabel.ops.arrays import as_float32, iter_chunks, squared_norms
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.scores import sq_distances_from_scores, sq_distances_from_search
 
 BLOCK_ROWS = 1024  # rows per sgemm: large enough for BLAS, S (rows x k) stays in cache
 
@@ -59,7 +62,7 @@ class BalancedAssigner:
     def assign(self, x: np.ndarray, topk: int = 0) -> Assignment:
         if self.beta is None:
             D, I = self.index.search(x, max(topk, 1))
-            dist = squared_distances(D, self.metric)
+            dist = sq_distances_from_search(D, self.metric)
             out = Assignment(I[:, 0], dist[:, 0], I[:, 0], dist[:, 0])
             if topk:
                 out.topk_labels, out.topk_distances = I, dist
@@ -99,7 +102,7 @@ class BalancedAssigner:
             else:
                 top = S.argmax(axis=1)[:, None]
             top_s = S[rows, top]
-            sq = np.einsum("ij,ij->i", xb, xb)[:, None] if l2 else None
+            sq = squared_norms(xb)[:, None] if l2 else None
             dist = _squared_distance(top_s - beta[top], sq)
             out.label[sl], out.distance[sl] = top[:, 0], dist[:, 0]
             out.nearest[sl] = near
@@ -116,11 +119,10 @@ def _augmented_centroids(c: np.ndarray, metric: str) -> np.ndarray:
     """(d + 1, k): [c, -|c|^2] for l2, [c, 0] for ip; rows meet them as [2x, 1], [x, 0]."""
     ca = np.empty((c.shape[1] + 1, len(c)), np.float32)
     ca[:-1] = c.T
-    ca[-1] = -np.einsum("ij,ij->i", c, c) if metric == "l2" else 0.0
+    ca[-1] = -squared_norms(c) if metric == "l2" else 0.0
     return ca
 
 
 def _squared_distance(scores: np.ndarray, sq_norms: np.ndarray | None) -> np.ndarray:
-    """|x - c|^2 from S: |x|^2 - S for l2 (``sq_norms`` given), 2 - 2 S for unit vectors."""
-    d = sq_norms - scores if sq_norms is not None else 2.0 - 2.0 * scores
-    return np.maximum(d, 0.0).astype(np.float32)
+    """|x - c|^2 (float32) from S, for l2 (``sq_norms`` given) or unit vectors."""
+    return sq_distances_from_scores(scores, sq_norms).astype(np.float32, copy=False)

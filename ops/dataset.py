@@ -2,8 +2,8 @@
 
 Shaped after faiss's ``contrib.clustering.DatasetAssign``: the loop asks a dataset for
 its size, a sample, and the statistics of one assignment step, and never for the rows.
-``ArrayData`` is the in-process implementation; ``pipelines.shards.RayShardedData``
-implements the same methods over Ray actors, so the same loop runs on a cluster.
+``ArrayData`` is the in-process implementation; ``pipelines.runtime`` implements the same
+methods over Ray actors, so the same loop runs on a cluster.
 """
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ops.assign import CentroidIndex, normalize_rows
-from ops.stats import PartialStats, partial_stats
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.sampling import cluster_samples, row_keys, smallest
+from pseudolabel.ops.scores import sq_distances_from_search
+from pseudolabel.ops.stats import PartialStats, partial_stats
+
+STRATEGIES = ("random", "closest")
 
 
 @runtime_checkable
@@ -25,7 +30,9 @@ class ShardedData(Protocol):
     def dim(self) -> int: ...
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        """(n, d) rows at ``sample_indices(count(), n, seed)``, in that order."""
+        """(n, d) float32: the rows with the n smallest ``ops.sampling.row_keys``, in
+        global row order, so a sample (and the seeding drawn from it) does not depend
+        on how rows are split over workers."""
         ...
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats: ...
@@ -42,25 +49,56 @@ class StreamingData(ShardedData, Protocol):
         ...
 
 
-def sample_indices(n_total: int, n: int, seed: int) -> np.ndarray:
-    """Sorted global row numbers of a uniform sample without replacement.
+@runtime_checkable
+class ResamplableData(ShardedData, Protocol):
+    """What the resampling refinement needs: a view of up to ``per_cluster`` rows of
+    every cluster of ``centroids``, on which the same loop runs."""
 
-    Every backend draws its sample through this function, so the sample, and therefore
-    the initial centroids, do not depend on how rows are split over workers.
-    """
-    n = min(n, n_total)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
-    return np.sort(rng.choice(n_total, size=n, replace=False))
+    def cluster_subset(
+        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
+    ) -> ShardedData: ...
+
+
+def cluster_keys(
+    x: np.ndarray,
+    rows: np.ndarray,
+    centroids: np.ndarray,
+    metric: str,
+    strategy: str,
+    seed: int,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, keys) of rows x (n, d) with global row numbers ``rows``: the nearest
+    centroid, and the key that ranks rows within it (the squared distance for
+    "closest", a random key for "random")."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    D, I = CentroidIndex(centroids, metric, device).search(x)
+    if strategy == "closest":
+        return I[:, 0], sq_distances_from_search(D[:, 0], metric).astype(np.float64)
+    return I[:, 0], row_keys(rows, seed)
 
 
 class ArrayData:
-    """An in-memory (n, d) matrix as a dataset. Rows are unit-normalised for "ip"."""
+    """An in-memory (n, d) matrix as a dataset. Rows are unit-normalised for "ip".
 
-    def __init__(self, x: np.ndarray, metric: str = "l2", batch_rows: int = 65536, seed: int = 0):
+    ``rows`` are the global row numbers (default 0..n-1, sorted); samples and subsets
+    are defined on them, as on the Ray workers.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        metric: str = "l2",
+        batch_rows: int = 65536,
+        seed: int = 0,
+        rows: np.ndarray | None = None,
+    ):
         self.x = normalize_rows(x) if metric == "ip" else x
         self.metric = metric
         self.batch_rows = batch_rows
         self.seed = seed
+        self.rows = np.arange(len(x), dtype=np.int64) if rows is None else rows
         self._order: np.ndarray | None = None
         self._cursor = 0
 
@@ -71,10 +109,21 @@ class ArrayData:
         return self.x.shape[1]
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        return np.asarray(self.x[sample_indices(self.count(), n, seed)], dtype=np.float32)
+        picked = smallest(row_keys(self.rows, seed), self.rows, n)
+        return np.asarray(self.x[picked], dtype=np.float32)
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
         return partial_stats(self.x, CentroidIndex(centroids, self.metric))
+
+    def cluster_subset(
+        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
+    ) -> ArrayData:
+        labels, keys = cluster_keys(self.x, self.rows, centroids, self.metric, strategy, seed)
+        picked = np.sort(cluster_samples(labels, keys, self.rows, len(centroids), per_cluster))
+        # Rows are already unit vectors for "ip": the subset keeps them as they are.
+        subset = ArrayData(self.x[picked], "l2", self.batch_rows, self.seed, self.rows[picked])
+        subset.metric = self.metric
+        return subset
 
     def start_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(2, epoch)))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ops.assign import CentroidIndex, as_float32
+from pseudolabel.ops.arrays import as_float32
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.scores import pairwise_sq_distances
 
 HUNGARIAN_MAX_K = 2048
 
@@ -19,12 +21,7 @@ def match_centroids(previous: np.ndarray, current: np.ndarray) -> tuple[np.ndarr
     """mapping (k_prev,): previous centroid j corresponds to current ``mapping[j]``."""
     previous, current = as_float32(previous), as_float32(current)
     if max(len(previous), len(current)) <= HUNGARIAN_MAX_K:
-        d2 = (
-            (previous * previous).sum(1)[:, None]
-            - 2.0 * previous @ current.T
-            + (current * current).sum(1)[None, :]
-        )
-        rows, cols = linear_sum_assignment(np.maximum(d2, 0.0))
+        rows, cols = linear_sum_assignment(pairwise_sq_distances(previous, current))
         mapping = np.full(len(previous), -1, np.int64)
         mapping[rows] = cols
         return mapping, "hungarian"

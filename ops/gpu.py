@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
-from ops.assign import as_float32, iter_chunks
-from ops.stats import PartialStats
+from pseudolabel.ops.arrays import as_float32, iter_chunks
+from pseudolabel.ops.scores import scores_from_dots, sq_distances_from_scores
+from pseudolabel.ops.stats import PartialStats
 
 log = logging.getLogger("pseudolabel")
 
@@ -23,6 +23,12 @@ GPU_CHUNK_ROWS = 1 << 16
 
 
 def faiss_gpu_ready() -> bool:
+    """The faiss GPU build is installed and sees a device. faiss is imported here, not at
+    the top: the torch kernels run where faiss is not installed at all."""
+    try:
+        import faiss
+    except ImportError:
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -52,6 +58,8 @@ def make_search(centroids: np.ndarray, metric: str, device: str):
     name = backend()
     log.info("gpu: nearest-centroid search with %s", name)
     if name == "faiss-gpu":
+        import faiss
+
         res = faiss.StandardGpuResources()
         index = (
             faiss.GpuIndexFlatL2(res, centroids.shape[1])
@@ -76,14 +84,10 @@ class TorchSearch:
     def search(self, x: np.ndarray, m: int = 1) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         xt = torch.from_numpy(as_float32(x)).to(self.c.device)
-        dots = xt @ self.c.T
-        if self.metric == "ip":
-            D, I = torch.topk(dots, m, dim=1)
-        else:
-            d2 = (xt * xt).sum(1, keepdim=True) - 2.0 * dots + self.c_sq
-            D, I = torch.topk(d2, m, dim=1, largest=False)
-            D = D.clamp_min(0.0)
-        return D.cpu().numpy(), I.cpu().numpy()
+        S, I = torch.topk(scores_from_dots(xt @ self.c.T, self.c_sq, self.metric), m, dim=1)
+        if self.metric == "l2":  # faiss reports squared L2 for l2, the dot product for ip
+            S = sq_distances_from_scores(S, (xt * xt).sum(1, keepdim=True))
+        return S.cpu().numpy(), I.cpu().numpy()
 
 
 class DeviceRows:
@@ -111,14 +115,9 @@ class DeviceRows:
         inertia = torch.zeros((), dtype=torch.float64, device=self.device)
         for sl in iter_chunks(len(self.x), GPU_CHUNK_ROWS):
             xb = self.x[sl].float()
-            dots = xb @ c.T
-            if metric == "ip":
-                best, labels = dots.max(dim=1)
-                d2 = (2.0 - 2.0 * best).clamp_min(0.0)
-            else:
-                x_sq = (xb * xb).sum(1)
-                score, labels = (2.0 * dots - c_sq).max(dim=1)
-                d2 = (x_sq - score).clamp_min(0.0)
+            best, labels = scores_from_dots(xb @ c.T, c_sq, metric).max(dim=1)
+            x_sq = (xb * xb).sum(1) if metric == "l2" else None
+            d2 = sq_distances_from_scores(best, x_sq)
             counts += torch.bincount(labels, minlength=k)
             sums.index_add_(0, labels, xb.double())
             inertia += d2.double().sum()

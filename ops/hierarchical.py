@@ -18,77 +18,32 @@ Clustering-Based Approach" (TMLR 2024), and its code (facebookresearch/ssl-data-
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 
-from ops.assign import CentroidIndex, squared_distances
-from ops.dataset import ArrayData
-from ops.kmeans import KMeansParams, fit, init_state
-
-STRATEGIES = ("random", "closest")
-
-
-class ClusterSampler(Protocol):
-    def cluster_samples(
-        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
-    ) -> np.ndarray:
-        """Up to ``per_cluster`` rows of every cluster of ``centroids``, stacked."""
-        ...
-
-
-def cluster_samples(
-    labels: np.ndarray,
-    d2: np.ndarray,
-    k: int,
-    per_cluster: int | np.ndarray,
-    strategy: str,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Row indices: up to ``per_cluster`` (one count, or one per cluster) of each of the
-    k clusters given by ``labels``, at random or with the smallest squared distances
-    ``d2`` to their centroid."""
-    order = np.lexsort((rng.random(len(labels)) if strategy == "random" else d2, labels))
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, np.arange(k))
-    rank = np.arange(len(order)) - starts[sorted_labels]
-    quota = np.broadcast_to(np.asarray(per_cluster), (k,))
-    return order[rank < quota[sorted_labels]]
-
-
-def nearest_cluster_samples(
-    x: np.ndarray,
-    centroids: np.ndarray,
-    metric: str,
-    per_cluster: int,
-    strategy: str,
-    rng: np.random.Generator,
-    device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, labels, d2) of ``cluster_samples`` over x assigned to its nearest centroid;
-    labels and squared distances are those of the chosen rows."""
-    D, I = CentroidIndex(centroids, metric, device).search(x)
-    labels, d2 = I[:, 0], squared_distances(D[:, 0], metric)
-    rows = cluster_samples(labels, d2, len(centroids), per_cluster, strategy, rng)
-    return rows, labels[rows], d2[rows]
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.dataset import STRATEGIES, ArrayData, ResamplableData
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.ops.sampling import cluster_samples
 
 
 def resample_refine(
-    data: ClusterSampler,
+    data: ResamplableData,
     centroids: np.ndarray,
     params: KMeansParams,
     steps: int,
     per_cluster: int,
     strategy: str,
 ) -> np.ndarray:
-    """``steps`` rounds of: sample ``per_cluster`` rows per cluster, refit k-means on them."""
+    """``steps`` rounds of: take ``per_cluster`` rows per cluster, refit k-means on them
+    (seeded afresh, as the paper's code does). The rows stay where they are: the refit
+    runs the same loop over ``data.cluster_subset``, a view of the chosen rows."""
     for step in range(steps):
-        sample = data.cluster_samples(centroids, per_cluster, strategy, params.seed + step)
-        if len(sample) < params.k:
+        subset = data.cluster_subset(centroids, per_cluster, strategy, params.seed + step)
+        if subset.count() < params.k:
             break  # fewer sampled rows than clusters: nothing left to refine
-        local = ArrayData(sample, params.metric)
         stepped = replace(params, seed=params.seed + 1000 + step)
-        centroids = fit(local, stepped, init_state(local, stepped)[0]).centroids
+        centroids = fit(subset, stepped, init_state(subset, stepped)[0]).centroids
     return centroids
 
 
@@ -128,25 +83,11 @@ def upper_levels(
         c = fit(data, p, init_state(data, p)[0]).centroids
         if steps:
             size = per_cluster or max(1, len(below) // (2 * k))
-            c = resample_refine(InMemorySampler(data.x, data.metric), c, p, steps, size, strategy)
+            c = resample_refine(data, c, p, steps, size, strategy)
         _, I = CentroidIndex(c, data.metric).search(below)
         centroids.append(c)
         parents.append(I[:, 0])
     return Hierarchy(centroids, parents)
-
-
-class InMemorySampler:
-    """``cluster_samples`` over rows held in this process."""
-
-    def __init__(self, x: np.ndarray, metric: str = "l2"):
-        self.x, self.metric = x, metric
-
-    def cluster_samples(self, centroids, per_cluster, strategy, seed):
-        rng = np.random.default_rng(seed)
-        rows, _, _ = nearest_cluster_samples(
-            self.x, centroids, self.metric, per_cluster, strategy, rng
-        )
-        return np.asarray(self.x[rows], np.float32)
 
 
 def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
@@ -197,4 +138,6 @@ def balanced_sample(
             members = np.flatnonzero((parent_of == p) & (sizes > 0))
             child_quota[members] = water_fill(sizes[members], quota[p], rng)
         quota = child_quota
-    return np.sort(cluster_samples(paths[:, 0], d2, len(quota), quota, strategy, rng))
+    keys = rng.random(len(d2)) if strategy == "random" else np.asarray(d2, np.float64)
+    rows = np.arange(len(d2))
+    return np.sort(cluster_samples(paths[:, 0], keys, rows, len(quota), quota))

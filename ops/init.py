@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pseudolabel.ops.arrays import squared_norms
+from pseudolabel.ops.scores import scores_from_dots, sq_distances_from_scores
+
 # Above this k, "auto" seeds at random: k-means++ would cost k sequential passes.
 KMEANSPP_MAX_K = 2048
 # k-means++ draws from max(16 k, 2^24 / k) sample rows: at least 16 per centroid, and
@@ -50,7 +53,7 @@ def kmeans_plusplus(
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     trials = trials or 2 + int(np.log(k))
-    sq_norms = np.einsum("ij,ij->i", x, x).astype(np.float32)
+    sq_norms = squared_norms(x)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(n)
     min_d2 = _sq_dist(x, sq_norms, chosen[:1])[0]
@@ -77,13 +80,10 @@ def kmeans_plusplus(
 
 
 def _sq_dist(x: np.ndarray, sq_norms: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """(len(idx), n) squared distances from the rows ``idx`` to every row of x, as
-    |x|^2 - 2 x.c + |c|^2: one sgemm and in-place passes over contiguous rows."""
-    d2 = x[idx] @ x.T
-    d2 *= -2.0
-    d2 += sq_norms
-    d2 += sq_norms[idx][:, None]
-    return np.maximum(d2, 0.0, out=d2)
+    """(len(idx), n) squared distances from the rows ``idx`` to every row of x: one sgemm
+    on contiguous rows, then the expansion of ``ops.scores``."""
+    s = scores_from_dots(x[idx] @ x.T, sq_norms[idx][:, None], "l2")
+    return sq_distances_from_scores(s, sq_norms)
 
 
 def random_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ops.assign import normalize_rows
-from ops.dataset import ShardedData, StreamingData
-from ops.init import init_sample_size, resolve_init, seed_centroids
-from ops.stats import PartialStats
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.dataset import ShardedData, StreamingData
+from pseudolabel.ops.init import init_sample_size, resolve_init, seed_centroids
+from pseudolabel.ops.stats import PartialStats
 
 ALGORITHMS = ("lloyd", "minibatch")
 
@@ -73,7 +73,7 @@ class IterationRecord:
 
 @dataclass
 class KMeansState:
-    """Everything a resumed fit needs; ``pipelines.output.Checkpoints`` stores it."""
+    """Everything a resumed fit needs; ``pipelines.io.checkpoints.Checkpoints`` stores it."""
 
     centroids: np.ndarray  # (k, d) float32
     iteration: int = 0  # iterations (or epochs) completed

@@ -1,8 +1,8 @@
 """Balanced assignment as entropic optimal transport, solved by Sinkhorn-Knopp.
 
 Rows i (n of them, mass 1/n each) go to clusters j (target mass q_j, uniform by
-default) with scores S_ij: dot products x.c, or negative squared distances, written
-S_ij = 2 x.c_j - |c_j|^2 (the -|x_i|^2 term is constant per row and drops out). The plan
+default) with the scores S_ij of ``ops.scores``: x.c for unit vectors, or
+2 x.c_j - |c_j|^2, the negative squared distance up to a per-row constant. The plan
 maximising <P, S> + eps H(P) under both marginals is
 
     P_ij = exp((S_ij + alpha_i + beta_j) / eps)        (Cuturi 2013; SeLa, Asano et al.
@@ -33,7 +33,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ops.assign import as_float32, iter_chunks
+from pseudolabel.ops.arrays import as_float32, iter_chunks
+from pseudolabel.ops.scores import scores
 
 STAGE_FACTOR = 0.5  # eps shrinks by this factor per stage
 # Over-relaxed column update, v <- v^(1 - w) (q / K^T u)^w (Thibault et al., "Overrelaxed
@@ -44,18 +45,6 @@ OMEGA = 1.8
 ABSORB_LOG = 30.0  # absorb v into beta once |log v| exceeds this
 UNDERFLOW = -80.0  # kernel entries below e^-80 are set to zero, not left denormal
 DEFAULT_EPSILON = 0.005  # relative to the standard deviation of the scores
-
-
-def scores(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
-    """S (n, k) float32: x.c for "ip"; 2 x.c - |c|^2 (negative squared distance up to a
-    per-row constant) for "l2"."""
-    x, c = as_float32(x), as_float32(centroids)
-    if metric == "ip":
-        return x @ c.T
-    s = x @ c.T
-    s *= 2.0
-    s -= np.einsum("ij,ij->i", c, c)[None, :]
-    return s
 
 
 class RowShards(Protocol):

@@ -10,10 +10,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from ops.assign import DEFAULT_CHUNK_ROWS, CentroidIndex, iter_chunks, squared_distances
+from pseudolabel.ops.arrays import DEFAULT_CHUNK_ROWS, iter_chunks
+from pseudolabel.ops.scores import sq_distances_from_search
+
+
+class NearestSearch(Protocol):
+    """What ``partial_stats`` needs of an index (``ops.assign.CentroidIndex``). A protocol,
+    not an import: ``ops.assign`` loads ``ops.gpu``, which imports this module."""
+
+    k: int
+    d: int
+    metric: str
+
+    def search(
+        self, x: np.ndarray, m: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 # Rows converted to float64 at a time before the scatter-add. The buffer stays in cache,
 # which makes an exact float64 accumulation cost about as much as a float32 one.
@@ -85,7 +101,7 @@ def accumulate_sums(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None
 
 def partial_stats(
     x: np.ndarray,
-    index: CentroidIndex,
+    index: NearestSearch,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> PartialStats:
     """Assign every row of x (n, d) to its nearest centroid and reduce to statistics.
@@ -98,6 +114,8 @@ def partial_stats(
         D, I = index.search(x[sl], 1, chunk_rows=chunk_rows)
         labels = I[:, 0]
         stats.counts += np.bincount(labels, minlength=index.k)
-        stats.inertia += float(squared_distances(D[:, 0], index.metric).sum(dtype=np.float64))
+        stats.inertia += float(
+            sq_distances_from_search(D[:, 0], index.metric).sum(dtype=np.float64)
+        )
         accumulate_sums(x[sl], labels, stats.sums)
     return stats

@@ -1,23 +1,24 @@
-"""The ``pseudolabel`` command line.
+"""The ``pseudolabel`` command line: a thin layer over the Python API and the commands.
 
     pseudolabel run --input URL --output URL --k K [flags]    (flags: pseudolabel run --help)
-    pseudolabel demo                                          (a small end-to-end job)
+    pseudolabel curate ... | train ... | report OUTPUT | demo
 
-Every ``run`` flag is a RunConfig field; ``--config FILE`` supplies any of them as YAML
-keys, and flags given on the command line win. Works the same as
-``ray job submit --working-dir . -- python -m pipelines.cli run ...``.
+The flags of ``run``, ``curate`` and ``train`` are the fields of their settings
+dataclasses (``pipelines.config``); ``--config FILE`` supplies any of them as YAML keys,
+and flags given on the command line win. ``python -m pseudolabel`` is the same program
+(``ray job submit ... -- python -m pseudolabel run ...``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
+from typing import Any
 
-from pipelines import config as cfg
-from pipelines.errors import PseudolabelError
+from pseudolabel.pipelines import config as cfg
+from pseudolabel.pipelines.errors import PseudolabelError
 
 log = logging.getLogger("pseudolabel")
 
@@ -27,9 +28,10 @@ def _flag_type(annotation: str):
     return {"int": int, "float": float, "str": str, "dict": json.loads}[base]
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunConfig) -> None:
+    """One flag per field of the ``settings`` dataclass, and ``--config FILE``."""
     parser.add_argument("--config", help="YAML file of settings (e.g. cluster_configs/local.yaml)")
-    for f in cfg.fields():
+    for f in cfg.fields(settings):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
@@ -37,7 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
-        kwargs = {"type": _flag_type(f.type), "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"type": _flag_type(f.type), "default": None, "help": help_text}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if "metavar" in f.metadata:
@@ -47,27 +49,28 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> cfg.RunConfig:
-    values = cfg.load_yaml(args.config) if args.config else {}
-    overrides = {f.name: getattr(args, f.name) for f in cfg.fields()}
-    return cfg.build(values, **overrides)
+def config_from_args(args: argparse.Namespace, settings: type = cfg.RunConfig):
+    """The validated settings: defaults <- the --config YAML <- the flags."""
+    values = cfg.load_yaml(args.config, settings) if args.config else {}
+    overrides = {f.name: getattr(args, f.name) for f in cfg.fields(settings)}
+    return cfg.build_config(settings, values, **overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.run import run
-    from pipelines.summary import text_summary
+    from pseudolabel.pipelines.api import run_config
+    from pseudolabel.pipelines.commands.summary import text_summary
 
     config = config_from_args(args)
-    manifest = run(config)
-    print(text_summary(manifest, config.output), flush=True)
+    result = run_config(config)
+    print(text_summary(result.manifest, result.output), flush=True)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.errors import InputError
-    from pipelines.output import RunOutput
-    from pipelines.report import write_report
-    from pipelines.storage import resolve
+    from pseudolabel.pipelines.commands.report import write_report
+    from pseudolabel.pipelines.errors import InputError
+    from pseudolabel.pipelines.io.layout import RunOutput
+    from pseudolabel.pipelines.io.storage import resolve
 
     options = json.loads(args.storage_options) if args.storage_options else {}
     output = RunOutput(resolve(args.output, options))
@@ -78,24 +81,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from pipelines.curate import curate, parse_levels, summary
+    from pseudolabel.pipelines.commands.curate import curate, summary
 
-    levels = parse_levels(args.levels)
-    args.k = args.k or levels[0]
-    config = config_from_args(args)
-    manifest = curate(config, levels, args.sample_size, args.strategy)
+    config = config_from_args(args, cfg.CurateConfig)
+    manifest = curate(config)
     print(summary(manifest, config.output), flush=True)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import TrainConfig, train
+    from pseudolabel.pipelines.commands.train import train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.storage_options:
-        values["storage_options"] = json.loads(args.storage_options)
-    metrics = train(TrainConfig(**values))
+    metrics = train(config_from_args(args, cfg.TrainConfig))
     last = metrics["epochs"][-1]
     print(
         f"pseudolabel train: {last['epoch']} epochs, loss {last['loss']:.4f}, held-out "
@@ -115,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pseudolabel.pipelines.commands.demo import run_demo
 
     run_demo(
         args.dir, rows=args.rows, dim=args.dim, k=args.k, shards=args.shards, workers=args.workers
@@ -132,59 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="fit k-means on the input and label every row")
-    add_config_flags(run)
+    add_config_flags(run, cfg.RunConfig)
     run.set_defaults(func=cmd_run)
 
     curate = sub.add_parser(
         "curate", help="hierarchical k-means and a balanced sample of ids (data curation)"
     )
-    curate.add_argument(
-        "--levels",
-        required=True,
-        metavar="K1,K2,...",
-        help="clusters per level, shrinking: e.g. 10000,1000,100",
-    )
-    curate.add_argument("--sample-size", type=int, required=True, metavar="N", help="ids to select")
-    curate.add_argument(
-        "--strategy",
-        choices=("random", "closest"),
-        default="random",
-        help="within a level-1 cluster: random ids, or the closest to it",
-    )
-    add_config_flags(curate)
+    add_config_flags(curate, cfg.CurateConfig)
     curate.set_defaults(func=cmd_curate)
 
     train = sub.add_parser("train", help="Ray Train a head on the pseudo-labels of a run")
-    train.add_argument("--input", required=True, metavar="URL", help="the embeddings")
-    train.add_argument(
-        "--labels", required=True, metavar="RUN_URL", help="a finished run's --output"
-    )
-    train.add_argument("--output", required=True, metavar="URL")
-    train.add_argument("--head", choices=("linear", "mlp"), help="default: mlp")
-    train.add_argument("--hidden", type=int, metavar="N", help="MLP width (default 256)")
-    train.add_argument("--epochs", type=int, metavar="E", help="default 5")
-    train.add_argument("--workers", type=int, metavar="W", help="Ray Train workers (2)")
-    train.add_argument("--cpus-per-worker", type=float, metavar="X", help="default 0.5")
-    train.add_argument("--batch-size", type=int, metavar="N", help="default 256")
-    train.add_argument("--lr", type=float, metavar="X", help="Adam learning rate (1e-2)")
-    train.add_argument("--label-column", metavar="C", help="label (default) or nearest_label")
-    train.add_argument(
-        "--truth-column",
-        metavar="C",
-        help="score against it: held-out accuracy after Hungarian matching",
-    )
-    train.add_argument("--heldout", type=float, metavar="X", help="held-out share (0.1)")
-    train.add_argument(
-        "--rounds", type=int, metavar="R", help="DeepCluster rounds: re-embed, re-cluster, retrain"
-    )
-    train.add_argument(
-        "--compare",
-        action="store_true",
-        default=None,
-        help="also train on nearest-centroid and random labels; probe all",
-    )
-    train.add_argument("--seed", type=int, metavar="S")
-    train.add_argument("--storage-options", help="fsspec options as JSON")
+    add_config_flags(train, cfg.TrainConfig)
     train.set_defaults(func=cmd_train)
 
     report = sub.add_parser("report", help="write report.html for a finished run, print a summary")

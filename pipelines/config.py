@@ -1,24 +1,28 @@
-"""Run settings: one dataclass, filled from defaults, then a YAML file, then flags.
+"""Settings: one dataclass per command, filled from defaults, then a YAML file, then flags.
 
 Each field is a YAML key and a flag (``cpus_per_worker`` <-> ``--cpus-per-worker``) with
 the help text in its metadata, so ``--help``, ``cluster_configs/local.yaml`` and the code
-cannot drift apart. Validation happens here, at the edge (DESIGN invariant 6).
+cannot drift apart. Validation happens here, at the edge (DESIGN invariant 6). What the
+kernels and readers take (``KMeansParams``, ``ReadSettings``, ...) is projected from
+these objects by one method each, never copied field by field elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ops.kmeans import ALGORITHMS
-from ops.sinkhorn import DEFAULT_EPSILON
-from pipelines.errors import ConfigError
-from pipelines.reader import BAD_ROW_POLICIES
+from pseudolabel.ops.dataset import STRATEGIES
+from pseudolabel.ops.kmeans import ALGORITHMS, KMeansParams
+from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON
+from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.plan import BAD_ROW_POLICIES, Plan, ReadSettings
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -124,8 +128,9 @@ class RunConfig:
     )
     overwrite: bool = _opt(False, "recompute a run whose output already has _SUCCESS")
 
-    def validate(self) -> RunConfig:
-        for name in ("input", "output"):
+    def validate(self, paths: bool = True) -> RunConfig:
+        """Check every setting (``paths``: --input and --output are required)."""
+        for name in ("input", "output") if paths else ():
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
         _require(self.k >= 1, f"--k must be at least 1, got {self.k}")
@@ -196,6 +201,36 @@ class RunConfig:
         """The search metric: inner products of unit vectors for --spherical, else L2."""
         return "ip" if self.spherical else "l2"
 
+    def kmeans_params(self) -> KMeansParams:
+        """The k-means loop's parameters."""
+        return KMeansParams(
+            k=self.k,
+            algorithm=self.algorithm,
+            iterations=self.iterations,
+            tol=self.tol,
+            seed=self.seed,
+            spherical=self.spherical,
+            init=self.init,
+        )
+
+    def read_settings(self, plan: Plan | None = None) -> ReadSettings:
+        """What the readers need; with a plan, its dim and the in-memory dtype ("auto":
+        float16 rows stay float16)."""
+        dtype = self.dtype
+        if dtype == "auto":
+            stored = plan.value_type if plan is not None else "float32"
+            dtype = "float16" if stored == "float16" else "float32"
+        return ReadSettings(
+            id_column=self.id_column,
+            embedding_column=self.embedding_column,
+            extra_columns=(self.truth_column,) if self.truth_column else (),
+            dim=plan.dim if plan else 0,
+            dtype=dtype,
+            on_bad_rows=self.on_bad_rows,
+            unit_norm=self.spherical,
+            storage_options=self.storage_options,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings for the manifest; storage option values are redacted."""
         out = dataclasses.asdict(self)
@@ -203,17 +238,117 @@ class RunConfig:
         return out
 
 
+@dataclass
+class CurateConfig(RunConfig):
+    """``pseudolabel curate``: a run at the first level's k, then the levels above it."""
+
+    levels: str = _opt(
+        "",
+        "clusters per level, shrinking: e.g. 10000,1000,100",
+        required=True,
+        metavar="K1,K2,...",
+    )
+    sample_size: int = _opt(0, "ids to select", required=True, metavar="N")
+    strategy: str = _opt(
+        "random",
+        "within a level-1 cluster: random ids, or the closest to it",
+        choices=STRATEGIES,
+    )
+
+    def validate(self) -> CurateConfig:
+        ks = self.level_sizes()
+        self.k = self.k or ks[0]
+        _require(self.k == ks[0], f"--k {self.k} differs from the first level {ks[0]}")
+        _require(self.sample_size >= 1, f"--sample-size must be at least 1, got {self.sample_size}")
+        super().validate()
+        return self
+
+    def level1_config(self, **changes: Any) -> RunConfig:
+        """The first level's run: this config's run settings, with ``changes``."""
+        values = {f.name: getattr(self, f.name) for f in fields(RunConfig)}
+        return RunConfig(**{**values, **changes}).validate()
+
+    def level_sizes(self) -> list[int]:
+        """The cluster counts of ``levels``, checked: positive and shrinking."""
+        text = self.levels
+        try:
+            ks = [int(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--levels must be comma-separated integers, got {text!r}") from None
+        if not ks or any(k < 1 for k in ks):
+            raise ConfigError(f"--levels needs positive cluster counts, got {text!r}")
+        if any(b >= a for a, b in itertools.pairwise(ks)):
+            raise ConfigError(f"--levels must shrink from level to level, got {ks}")
+        return ks
+
+
+HEADS = ("linear", "mlp")
+
+
+@dataclass
+class TrainConfig:
+    """``pseudolabel train``: a head trained with Ray Train on a finished run's labels."""
+
+    input: str = _opt("", "the embeddings (as given to the run)", required=True, metavar="URL")
+    labels: str = _opt("", "a finished run's --output", required=True, metavar="RUN_URL")
+    output: str = _opt(
+        "", "where the head, metrics and checkpoints go", required=True, metavar="URL"
+    )
+    head: str = _opt("mlp", "the head trained on the pseudo-labels", choices=HEADS)
+    hidden: int = _opt(256, "MLP width", metavar="N")
+    epochs: int = _opt(5, "training epochs", metavar="E")
+    workers: int = _opt(2, "Ray Train workers", metavar="W")
+    cpus_per_worker: float = _opt(0.5, "CPUs per Ray Train worker")
+    batch_size: int = _opt(256, "rows per training step", metavar="N")
+    # Adam on a small head: 1e-3 left a 4k-row mixture untrained.
+    lr: float = _opt(1e-2, "Adam learning rate")
+    label_column: str = _opt("label", "label (balanced, if the run was) or nearest_label")
+    truth_column: str | None = _opt(
+        None, "score against it: held-out accuracy after Hungarian matching"
+    )
+    heldout: float = _opt(0.1, "held-out share of the ids")
+    rounds: int = _opt(0, "DeepCluster rounds: re-embed, re-cluster, retrain", metavar="R")
+    compare: bool = _opt(False, "also train on nearest-centroid and random labels; probe all")
+    seed: int = _opt(0, "random seed", metavar="S")
+    id_column: str | None = _opt("id", "parquet id column")
+    embedding_column: str = _opt("embedding", "parquet embedding column")
+    storage_options: dict = field(
+        default_factory=dict,
+        repr=False,
+        metadata={"help": 'fsspec options as JSON, e.g. {"endpoint_url": ...}', "json": True},
+    )
+
+    def validate(self) -> TrainConfig:
+        for name in ("input", "labels", "output"):
+            _require(bool(getattr(self, name)), f"--{name} is required")
+        _require(self.head in HEADS, f"--head must be one of {HEADS}, got {self.head!r}")
+        for name in ("epochs", "workers", "batch_size", "hidden"):
+            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        _require(0 < self.heldout < 1, f"--heldout must be in (0, 1), got {self.heldout}")
+        _require(not self.compare or bool(self.truth_column), "--compare needs --truth-column")
+        return self
+
+    def read_settings(self, extra_columns: tuple[str, ...] = ()) -> ReadSettings:
+        """How the embeddings are read (float32; the dim comes from the plan)."""
+        return ReadSettings(
+            id_column=self.id_column,
+            embedding_column=self.embedding_column,
+            extra_columns=extra_columns,
+            storage_options=self.storage_options,
+        )
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(RunConfig))
+def fields(cls: type = RunConfig) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Settings from a YAML mapping whose keys are RunConfig fields."""
+def load_yaml(path: str | Path, cls: type = RunConfig) -> dict[str, Any]:
+    """Settings from a YAML mapping whose keys are fields of ``cls``."""
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -222,18 +357,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
-    known = {f.name for f in fields()}
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {unknown}")
     return values
 
 
-def build(yaml_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
-    """Defaults <- YAML <- overrides (None means "not given")."""
+def build_config(cls: type, yaml_values: dict[str, Any] | None = None, **overrides: Any):
+    """Defaults <- YAML <- overrides (None means "not given"), validated."""
     values = dict(yaml_values or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return RunConfig(**values).validate()
+        return cls(**values).validate()
     except TypeError as e:
         raise ConfigError(str(e)) from None
+
+
+def build(yaml_values: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """A validated RunConfig: defaults <- YAML <- overrides."""
+    return build_config(RunConfig, yaml_values, **overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.demo import mixture
+from tests.data import mixture
 
 
 @pytest.fixture

@@ -13,16 +13,17 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from ops.kmeans import KMeansParams, fit, init_state
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, WorkerSpec
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
 
 
 def fit_on(address: str, root: str, workers: int) -> tuple[list, np.ndarray]:
     ray.init(address=address, logging_level="ERROR")
     try:
         plan = make_plan(root, ReadSettings())
-        data = RayShardedData(plan, ReadSettings(dim=plan.dim), WorkerSpec("l2"), workers)
+        data = ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), WorkerSpec("l2"), workers)
         try:
             params = KMeansParams(k=8, iterations=6, tol=0, seed=3)
             state = fit(data, params, init_state(data, params)[0])

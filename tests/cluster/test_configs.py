@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import build_parser, config_from_args
+from pseudolabel.pipelines.cli import build_parser, config_from_args
 
 ROOT = Path(__file__).parents[2] / "cluster_configs"
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
@@ -24,7 +24,7 @@ def load(name):
 
 def check_entrypoint(command: str) -> None:
     argv = shlex.split(command)
-    if argv[:3] == ["python", "-m", "pipelines.cli"]:
+    if argv[:3] == ["python", "-m", "pseudolabel"]:
         argv = argv[3:]
     else:
         assert argv[0] == "pseudolabel", command

@@ -8,12 +8,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.demo import write_parquet_shards
+from tests.data import write_parquet_shards
 from tests.s3server import free_port
 
 BIN = Path(sys.executable).parent
@@ -48,11 +49,18 @@ def head():
 
 
 def submit(env, address, *entrypoint, timeout=400):
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(REPO),
-         "--", *entrypoint],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )  # fmt: skip
+    """``ray job submit``; retried while the head's job agent is not registered yet
+    (``ray start`` returns before it is, and a loaded machine can take seconds)."""
+    deadline = time.monotonic() + 90
+    while True:
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir",
+             str(REPO), "--", *entrypoint],
+            env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )  # fmt: skip
+        if "No available agent to submit job" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_job_submit_runs_and_commits(head, tmp_path):

@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.demo import mixture, write_parquet_shards
+from tests.data import mixture, write_parquet_shards
 
 
 def test_workers_spread_over_nodes_and_agree_with_one_node(tmp_path):

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from ops.assign import CentroidIndex, normalize_rows, squared_distances
-from ops.stats import PartialStats, partial_stats, reduce_stats
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.scores import sq_distances_from_search
+from pseudolabel.ops.stats import PartialStats, partial_stats, reduce_stats
 
 
 def brute_force(x, c, metric):
@@ -34,7 +36,7 @@ def test_squared_distances_agree_between_metrics():
     D2, I2 = CentroidIndex(c, "l2").search(x)
     Dip, Iip = CentroidIndex(c, "ip").search(x)
     np.testing.assert_array_equal(I2, Iip)
-    np.testing.assert_allclose(squared_distances(Dip, "ip"), D2, atol=1e-5)
+    np.testing.assert_allclose(sq_distances_from_search(Dip, "ip"), D2, atol=1e-5)
 
 
 def test_partial_stats_against_numpy():

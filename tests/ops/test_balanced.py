@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from ops.assign import normalize_rows
-from ops.balanced import BalancedAssigner
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.balanced import BalancedAssigner
 
 
 def brute(x, c, beta, metric):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ops import drift
+from pseudolabel.ops import drift
 
 
 def test_permuted_centroids_match_exactly_and_no_label_changes():

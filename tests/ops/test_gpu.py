@@ -4,9 +4,10 @@ path; the CUDA placement itself needs a GPU and is skipped, with the reason, wit
 import numpy as np
 import pytest
 
-from ops.assign import CentroidIndex, normalize_rows
-from ops.gpu import DeviceRows, TorchSearch, backend, torch_cuda_ready
-from ops.stats import partial_stats
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.gpu import DeviceRows, TorchSearch, backend, torch_cuda_ready
+from pseudolabel.ops.stats import partial_stats
 
 needs_cuda = pytest.mark.skipif(not torch_cuda_ready(), reason="no CUDA device on this machine")
 

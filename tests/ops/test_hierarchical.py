@@ -1,19 +1,18 @@
 import numpy as np
 import pytest
 
-from ops.assign import CentroidIndex
-from ops.dataset import ArrayData
-from ops.hierarchical import (
-    InMemorySampler,
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.dataset import ArrayData
+from pseudolabel.ops.hierarchical import (
     balanced_sample,
-    cluster_samples,
     resample_refine,
     upper_levels,
     water_fill,
 )
-from ops.kmeans import KMeansParams, fit, init_state
-from ops.metrics import size_stats
-from pipelines.demo import long_tail_weights, mixture
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.ops.metrics import size_stats
+from pseudolabel.ops.sampling import cluster_samples
+from tests.data import long_tail_weights, mixture
 
 
 @pytest.mark.parametrize("target", [0, 7, 50, 93, 500])
@@ -30,17 +29,19 @@ def test_water_fill(target):
 def test_cluster_samples_takes_the_closest():
     labels = np.array([0, 0, 0, 1, 1, 2])
     d2 = np.array([3.0, 1.0, 2.0, 5.0, 4.0, 9.0])
-    rows = cluster_samples(labels, d2, 3, 2, "closest", np.random.default_rng(0))
+    rows = cluster_samples(labels, d2, np.arange(6), 3, 2)
     assert sorted(rows.tolist()) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_in_memory_sampler_takes_the_closest_in_its_metric(metric):
+def test_cluster_subset_takes_the_closest_in_its_metric(metric):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((500, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     centroids = x[:4].copy()
-    got = InMemorySampler(x, metric).cluster_samples(centroids, 3, "closest", seed=0)
+    subset = ArrayData(x, metric).cluster_subset(centroids, 3, "closest", seed=0)
+    got = subset.x
+    assert subset.count() == 12 and subset.metric == metric
     # Each centroid is a row of x: the closest row of its cluster is that row itself.
     for c in centroids:
         assert (np.abs(got - c).sum(axis=1) < 1e-6).any()
@@ -49,7 +50,7 @@ def test_in_memory_sampler_takes_the_closest_in_its_metric(metric):
 def test_cluster_samples_takes_a_quota_per_cluster():
     labels = np.array([0, 0, 0, 1, 1, 2])
     d2 = np.array([3.0, 1.0, 2.0, 5.0, 4.0, 9.0])
-    rows = cluster_samples(labels, d2, 3, np.array([1, 2, 0]), "closest", np.random.default_rng(0))
+    rows = cluster_samples(labels, d2, np.arange(6), 3, np.array([1, 2, 0]))
     assert sorted(rows.tolist()) == [1, 3, 4]
 
 
@@ -74,7 +75,7 @@ def centroids_per_component(x, truth, c):
 def test_resampling_spreads_centroids_off_the_dense_mode(long_tail):
     x, truth, params, plain = long_tail
     refined = resample_refine(
-        InMemorySampler(x), plain, params, steps=5, per_cluster=50, strategy="closest"
+        ArrayData(x), plain, params, steps=5, per_cluster=50, strategy="closest"
     )
     before, after = (
         centroids_per_component(x, truth, plain),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ops.init import init_sample_size, kmeans_plusplus, random_init, resolve_init
+from pseudolabel.ops.init import init_sample_size, kmeans_plusplus, random_init, resolve_init
 
 
 def test_kmeanspp_picks_distinct_rows_and_spreads():

@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from ops.dataset import ArrayData
-from ops.kmeans import (
+from pseudolabel.ops.dataset import ArrayData
+from pseudolabel.ops.kmeans import (
     KMeansParams,
     KMeansState,
     fit,
@@ -11,8 +11,8 @@ from ops.kmeans import (
     minibatch_update,
     split_empty_clusters,
 )
-from ops.stats import PartialStats
-from pipelines.demo import mixture
+from pseudolabel.ops.stats import PartialStats
+from tests.data import mixture
 
 
 def faiss_kmeans(x, k, niter, init=None, spherical=False, seed=1):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ops.metrics import ari, contingency, matched_accuracy, nmi, size_stats
+from pseudolabel.ops.metrics import ari, contingency, matched_accuracy, nmi, size_stats
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

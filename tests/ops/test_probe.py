@@ -1,7 +1,7 @@
 import numpy as np
 
-from ops.probe import head_features, linear_probe, make_head
-from pipelines.demo import mixture
+from pseudolabel.ops.probe import head_features, linear_probe, make_head
+from tests.data import mixture
 
 
 def test_probe_separates_a_mixture_and_not_noise():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.demo import mixture, write_parquet_shards
+from tests.data import mixture, write_parquet_shards
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def small_dataset(tmp_path_factory):
 
 def fast_config(**kw):
     """Run settings sized for a 2-core test machine."""
-    from pipelines.config import build
+    from pseudolabel.pipelines.config import build
 
     defaults = dict(k=12, workers=2, cpus_per_worker=0.5, label_workers=1, iterations=10)
     return build(**{**defaults, **kw})

@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.run as run_module
-from pipelines.demo import write_parquet_shards
-from pipelines.errors import InputError
-from pipelines.reader import ReadSettings, iter_batches, make_plan
-from pipelines.run import run
+import pseudolabel.pipelines.commands.run as run_module
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.errors import InputError
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.io.read import iter_batches
+from tests.data import write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
 ROWS, DIM = 900, 6
@@ -148,3 +149,50 @@ def test_reader_counts_a_vanished_file(shards):
     batches = [b for u in plan.split(1)[0] for b in iter_batches(u, settings)]
     assert sum(len(b.x) for b in batches) == 600
     assert sum(b.skipped["file disappeared after planning"] for b in batches) == 300
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(algorithm="minibatch", batch_rows=100),
+        dict(spherical=True),
+        dict(spherical=True, algorithm="minibatch", batch_rows=100),
+    ],
+    ids=["lloyd", "minibatch", "spherical", "spherical-minibatch"],
+)
+def test_skip_counts_have_one_owner(ray_local, tmp_path, case):
+    """NaN rows and (spherical) zero rows are counted once, whichever passes read them,
+    and the counts survive a rerun that resumes from a finished fit."""
+    x = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    x[[5, 450]] = np.nan
+    x[[7, 8, 800]] = 0.0
+    write_parquet_shards(tmp_path / "in", x, shards=3, row_group_rows=100)
+    config = fast_config(
+        input=str(tmp_path / "in"), output=str(tmp_path / "o"), k=3, on_bad_rows="skip", **case
+    )
+    expected = {"NaN or inf in embedding": 2}
+    if case.get("spherical"):
+        expected["all-zero embedding (spherical)"] = 3
+    m = run(config)
+    assert m["rows"]["skipped"]["by_reason"] == expected
+    assert m["rows"]["output"] == ROWS - sum(expected.values())
+    ids = pq.read_table(tmp_path / "o" / "labels", columns=["id"]).column("id").to_numpy()
+    assert not {5, 450} & set(ids.tolist())
+    assert ({7, 8, 800} <= set(ids.tolist())) != bool(case.get("spherical"))
+    # A crash after the fit: the rerun finds the fit complete in its checkpoint and
+    # labels again; the label pass alone reports the same counts.
+    (tmp_path / "o" / "_SUCCESS").unlink()
+    again = run(config)
+    assert again["fit"]["init"] == "checkpoint"
+    assert again["rows"]["skipped"]["by_reason"] == expected
+
+
+def test_zero_row_with_spherical_is_an_error_naming_the_row(ray_local, tmp_path):
+    x = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    x[450] = 0.0
+    write_parquet_shards(tmp_path / "in", x, shards=3, row_group_rows=100)
+    with pytest.raises(InputError, match=r"part-00001.parquet: row 150: all-zero embedding"):
+        run(
+            fast_config(input=str(tmp_path / "in"), output=str(tmp_path / "o"), k=3, spherical=True)
+        )

@@ -7,12 +7,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ops.sinkhorn import RowBlock, proportions, sinkhorn
-from pipelines.demo import mixture, write_parquet_shards
-from pipelines.errors import ConfigError
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.run import run
-from pipelines.shards import RayShardedData, ShardWorker, SinkhornShards, WorkerSpec
+from pseudolabel.ops.sinkhorn import RowBlock, proportions, sinkhorn
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.sinkhorn import SinkhornShards
+from pseudolabel.pipelines.runtime.sources import FileRows
+from pseudolabel.pipelines.runtime.workers import ShardWorker
+from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
 K = 10
@@ -35,7 +39,9 @@ def test_distributed_sinkhorn_equals_single_process(ray_local, dominant):
     single = RowBlock(x, centroids, "l2", len(x))
     expected = sinkhorn(single, proportions(K))
     plan = make_plan(str(root), ReadSettings())
-    data = RayShardedData(plan, ReadSettings(dim=plan.dim), WorkerSpec("l2", num_cpus=0.5), 4)
+    data = ResidentShards.from_plan(
+        plan, ReadSettings(dim=plan.dim), WorkerSpec("l2", num_cpus=0.5), 4
+    )
     try:
         rows = SinkhornShards(data, centroids, cache_bytes=2**30)
         got = sinkhorn(rows, proportions(K))
@@ -53,7 +59,9 @@ def test_distributed_sinkhorn_equals_single_process(ray_local, dominant):
 def test_worker_rebuilds_a_lost_block(dominant):
     root, x, _ = dominant
     plan = make_plan(str(root), ReadSettings())
-    worker = ShardWorker(plan.split(1)[0], ReadSettings(dim=plan.dim), WorkerSpec("l2"))
+    worker = ShardWorker(
+        FileRows(tuple(plan.split(1)[0])), ReadSettings(dim=plan.dim), WorkerSpec("l2")
+    )
     problem = {"centroids": x[:K].copy(), "rows": len(x), "cache_bytes": 2**30}
     stage = (3, np.zeros(K), 5.0)
     first = worker.sinkhorn_column_sums(np.ones(K), problem, stage)
@@ -145,7 +153,7 @@ def test_bad_cluster_proportions(dominant, tmp_path, content, message):
     root, _, _ = dominant
     (tmp_path / "w.json").write_text(content)
     with pytest.raises(ConfigError, match=message):
-        from pipelines.balance import target_proportions
+        from pseudolabel.pipelines.stages.balance import target_proportions
 
         target_proportions(
             fast_config(

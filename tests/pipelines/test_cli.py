@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.demo import write_parquet_shards
+from tests.data import write_parquet_shards
 
 BIN = Path(sys.executable).parent
 DESIGN_FLAGS = [

@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines.cluster import size_pools
+from pseudolabel.pipelines.runtime.session import size_pools
 from tests.pipelines.conftest import fast_config
 
 

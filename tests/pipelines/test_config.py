@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import config as cfg
-from pipelines.cli import build_parser, config_from_args
-from pipelines.errors import ConfigError
+from pseudolabel.pipelines.cli import build_parser, config_from_args
+from pseudolabel.pipelines.errors import ConfigError
 
 LOCAL = Path(__file__).parents[2] / "cluster_configs" / "local.yaml"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ops.metrics import size_stats
-from pipelines.cli import main
-from pipelines.curate import parse_levels
-from pipelines.demo import long_tail_weights, mixture, write_parquet_shards
-from pipelines.errors import ConfigError
+from pseudolabel.ops.metrics import size_stats
+from pseudolabel.pipelines.cli import main
+from pseudolabel.pipelines.config import CurateConfig
+from pseudolabel.pipelines.errors import ConfigError
+from tests.data import long_tail_weights, mixture, write_parquet_shards
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,13 @@ def test_curate(ray_local, long_tail, tmp_path, strategy):
             truth[np.random.default_rng(0).choice(len(truth), 2000, replace=False)], minlength=30
         )
     )
-    assert curated["entropy"] > uniform["entropy"] + 0.08
-    assert curated["max"] < 0.6 * uniform["max"]
+    # Which tail components get a level-1 centroid varies with the seed and with float
+    # rounding (the sums of 1 worker or 2 differ in the last bits, and k-means is
+    # chaotic): over 20 seeds of this data the selection's entropy over the true
+    # classes was 0.70-0.87 against 0.635 for a uniform sample, and its largest class
+    # 427-647 rows against 852. The bounds hold for the worst of them.
+    assert curated["entropy"] > uniform["entropy"] + 0.05
+    assert curated["max"] < 0.8 * uniform["max"]
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == {"input": 20_000, "selected": 2000, "requested": 2000}
@@ -81,4 +86,4 @@ def test_curate(ray_local, long_tail, tmp_path, strategy):
 @pytest.mark.parametrize("text", ["100,200", "10,x", "", "0,5"])
 def test_bad_levels(text):
     with pytest.raises(ConfigError):
-        parse_levels(text)
+        CurateConfig(levels=text).level_sizes()

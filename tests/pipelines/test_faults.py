@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from ops.kmeans import KMeansParams, fit, init_state
-from pipelines.demo import mixture, write_parquet_shards
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, WorkerSpec
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from tests.data import mixture, write_parquet_shards
 
 BIN = Path(sys.executable).parent
 
@@ -33,7 +34,9 @@ def test_worker_killed_mid_fit_is_rebuilt(ray_local, small_dataset):
     params = KMeansParams(k=12, iterations=8, tol=0, seed=4)
     results = []
     for kill_at in (None, 3):
-        data = RayShardedData(plan, settings, WorkerSpec("l2", num_cpus=0.5, max_restarts=2), 2)
+        data = ResidentShards.from_plan(
+            plan, settings, WorkerSpec("l2", num_cpus=0.5, max_restarts=2), 2
+        )
         victim = data.infos[1]["pid"]
 
         def on_iteration(state, record, kill_at=kill_at, victim=victim):

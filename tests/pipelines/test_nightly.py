@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.demo import mixture, write_parquet_shards
-from pipelines.errors import ConfigError
-from pipelines.run import run
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.errors import ConfigError
+from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
 
@@ -71,7 +71,7 @@ def test_bad_date_placeholder():
 
 
 def test_report_command_rebuilds_the_report(ray_local, nights, tmp_path):
-    from pipelines.cli import main
+    from pseudolabel.pipelines.cli import main
 
     out = nights / "runs" / "2026-11-21"
     (out / "report.html").unlink(missing_ok=True)

@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from ops.kmeans import IterationRecord, KMeansState
-from pipelines.errors import ConfigError
-from pipelines.output import CHECKPOINTS, Checkpoints, RunOutput
-from pipelines.storage import resolve
+from pseudolabel.ops.kmeans import IterationRecord, KMeansState
+from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.checkpoints import Checkpoints
+from pseudolabel.pipelines.io.layout import CHECKPOINTS, RunOutput
+from pseudolabel.pipelines.io.storage import resolve
 
 
 def state(i, k=3, minibatch=False):

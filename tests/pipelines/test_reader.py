@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo import write_parquet_shards
-from pipelines.errors import InputError
-from pipelines.reader import ReadSettings, iter_batches, make_plan
+from pseudolabel.pipelines.errors import InputError
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.io.read import iter_batches
+from tests.data import write_parquet_shards
 
 SETTINGS = ReadSettings()
 

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo import write_parquet_shards
-from pipelines.errors import ConfigError, InputError
-from pipelines.run import run
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.errors import ConfigError, InputError
+from tests.data import write_parquet_shards
 from tests.pipelines.conftest import fast_config, nearest
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo import mixture, write_parquet_shards
-from pipelines.errors import StorageError
-from pipelines.run import run
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.errors import StorageError
+from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
 

@@ -3,10 +3,16 @@
 import numpy as np
 import pytest
 
-from ops.dataset import ArrayData
-from ops.kmeans import KMeansParams, KMeansState, fit, init_state
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.shards import RayShardedData, RayStreamingData, ShardWorker, WorkerSpec
+from pseudolabel.ops.dataset import ArrayData
+from pseudolabel.ops.hierarchical import resample_refine
+from pseudolabel.ops.kmeans import KMeansParams, KMeansState, fit, init_state
+from pseudolabel.pipelines.config import build
+from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.sources import FileRows
+from pseudolabel.pipelines.runtime.workers import ShardWorker
+from pseudolabel.pipelines.stages.fit import start_workers
 
 SPEC = WorkerSpec(metric="l2", num_cpus=0.5, batch_rows=500)
 
@@ -19,7 +25,7 @@ def plan_and_settings(root):
 def test_worker_in_process_matches_array_data(small_dataset):
     root, x, _ = small_dataset
     plan, settings = plan_and_settings(root)
-    worker = ShardWorker(plan.split(1)[0], settings, SPEC)
+    worker = ShardWorker(FileRows(tuple(plan.split(1)[0])), settings, SPEC)
     c = x[:12]
     ours, ref = worker.partial_stats(c), ArrayData(x).partial_stats(c)
     np.testing.assert_allclose(ours.sums, ref.sums, rtol=1e-12)
@@ -35,7 +41,7 @@ def test_four_workers_equal_one_worker(ray_local, small_dataset):
     params = KMeansParams(k=12, iterations=6, tol=0, seed=5)
     results = {}
     for workers in (1, 4):
-        data = RayShardedData(plan, settings, SPEC, workers)
+        data = ResidentShards.from_plan(plan, settings, SPEC, workers)
         try:
             assert len(data.actors) == workers and data.count() == 6000
             state, _ = init_state(data, params)
@@ -52,7 +58,8 @@ def test_streaming_minibatch_on_ray(ray_local, small_dataset):
     root, x, _ = small_dataset
     plan, settings = plan_and_settings(root)
     params = KMeansParams(k=12, algorithm="minibatch", iterations=2, tol=0, seed=1)
-    data = RayStreamingData(plan, settings, SPEC, workers=2, seed=1)
+    config = build(input=str(root), output="unused", k=12, algorithm="minibatch", seed=1)
+    data = start_workers(config, plan, settings, SPEC, workers=2)
     try:
         state, _ = init_state(data, params)
         state = fit(data, params, state)
@@ -71,12 +78,12 @@ def test_streaming_minibatch_on_ray(ray_local, small_dataset):
 
 
 def test_too_many_workers_for_the_cluster_fail_fast(ray_local, small_dataset):
-    from pipelines.errors import ResourceError
+    from pseudolabel.pipelines.errors import ResourceError
 
     plan, settings = plan_and_settings(small_dataset[0])
     spec = WorkerSpec(metric="l2", num_cpus=1.5, startup_timeout=3)
     with pytest.raises(ResourceError, match=r"1 of 2 workers did not start within 3 s"):
-        RayShardedData(plan, settings, spec, workers=2)
+        ResidentShards.from_plan(plan, settings, spec, workers=2)
 
 
 def test_workers_get_the_threads_they_are_sized_for(ray_local, small_dataset):
@@ -84,8 +91,30 @@ def test_workers_get_the_threads_they_are_sized_for(ray_local, small_dataset):
     root, _, _ = small_dataset
     plan, settings = plan_and_settings(root)
     spec = WorkerSpec(metric="l2", num_cpus=0.5, threads=2)
-    data = RayShardedData(plan, settings, spec, 1)
+    data = ResidentShards.from_plan(plan, settings, spec, 1)
     try:
         assert [i["threads"] for i in data.infos] == [2]
     finally:
         data.shutdown()
+
+
+@pytest.mark.parametrize("strategy", ["closest", "random"])
+def test_resampling_on_workers_equals_in_process(ray_local, small_dataset, strategy):
+    """The selection, its sample and the refit are the same on 3 workers as in one
+    process: keys and row numbers decide, not the split (rows never leave the workers)."""
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    params = KMeansParams(k=12, iterations=5, seed=3)
+    local = ArrayData(x)
+    c0 = fit(local, params, init_state(local, params)[0]).centroids
+    expected_subset = local.cluster_subset(c0, 100, strategy, seed=4)
+    expected = resample_refine(local, c0, params, steps=2, per_cluster=100, strategy=strategy)
+    data = ResidentShards.from_plan(plan, settings, SPEC, 3)
+    try:
+        subset = data.cluster_subset(c0, 100, strategy, seed=4)
+        assert subset.count() == expected_subset.count() == 1200
+        np.testing.assert_array_equal(subset.sample(64, 5), expected_subset.sample(64, 5))
+        got = resample_refine(data, c0, params, steps=2, per_cluster=100, strategy=strategy)
+    finally:
+        data.shutdown()
+    np.testing.assert_allclose(got, expected, atol=1e-4)

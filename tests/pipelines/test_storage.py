@@ -1,7 +1,7 @@
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.storage import resolve
+from pseudolabel.pipelines.errors import InputError
+from pseudolabel.pipelines.io.storage import resolve
 
 
 def test_local_paths_are_absolute(tmp_path, monkeypatch):

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.demo import mixture, write_parquet_shards
-from pipelines.errors import ConfigError
-from pipelines.run import run
-from pipelines.train import TrainConfig, train
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.commands.train import train
+from pseudolabel.pipelines.config import TrainConfig
+from pseudolabel.pipelines.errors import ConfigError
+from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
 

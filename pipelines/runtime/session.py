@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines.config import RunConfig
+from pseudolabel.pipelines.config import RunConfig
 
 log = logging.getLogger("pseudolabel")
 

@@ -2,7 +2,8 @@
 
 Blocks carry ``id``, ``embedding`` as Ray's tensor type (it reaches ``map_batches`` in
 numpy format as an (n, d) array, unlike a fixed_size_list column, which arrives as an
-object array), and any extra columns the run carries along (a truth column).
+object array), and any extra columns the run carries along (a truth column). Read
+tasks report skipped rows to the run's ``SkipLedger`` when one is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.data.extensions import ArrowTensorArray
 
-from pipelines.reader import Plan, ReadSettings, Shard, iter_batches
+from pseudolabel.pipelines.io.plan import Plan, ReadSettings, Shard
+from pseudolabel.pipelines.io.read import iter_batches
+from pseudolabel.pipelines.io.skips import report_skips
 
 # Rows per read task: small enough to spread over workers, large enough to amortise a task.
 ROWS_PER_TASK = 262_144
@@ -37,8 +40,10 @@ class EmbeddingDatasource(Datasource):
         with_ids: bool = True,
         shuffle_seed: int | None = None,
         rows_per_task: int = ROWS_PER_TASK,
+        ledger=None,
     ):
         self.plan, self.settings, self.with_ids = plan, settings, with_ids
+        self.ledger = ledger
         self.units = plan.units(rows_per_task)
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(len(self.units))
@@ -50,7 +55,7 @@ class EmbeddingDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         return [
             ReadTask(
-                _reader(unit, self.settings, self.with_ids),
+                _reader(unit, self.settings, self.with_ids, self.ledger),
                 BlockMetadata(
                     num_rows=unit.rows,
                     size_bytes=unit.rows * self.plan.dim * np.dtype(self.settings.dtype).itemsize,
@@ -63,9 +68,10 @@ class EmbeddingDatasource(Datasource):
         ]
 
 
-def _reader(unit: Shard, settings: ReadSettings, with_ids: bool):
+def _reader(unit: Shard, settings: ReadSettings, with_ids: bool, ledger):
     def read() -> Iterator[pa.Table]:
         for batch in iter_batches(unit, settings, with_ids=with_ids):
+            report_skips(ledger, batch)
             columns = {"embedding": ArrowTensorArray.from_numpy(batch.x)}
             if with_ids:
                 columns = {"id": batch.ids, **columns, **batch.extra}

@@ -7,7 +7,7 @@
                                  cluster at every level
     OUTPUT/manifest.json, _SUCCESS (last)
 
-Level 1 runs on the Ray workers (``pipelines.run``), with the resampling refinement
+Level 1 runs on the Ray workers (``commands.run``), with the resampling refinement
 there too; the levels above cluster centroids, a few thousand rows, in process with the
 same k-means loop. Sampling reads each row's level-1 label and distance back (12 bytes a
 row plus its id) and draws top down (``ops.hierarchical.balanced_sample``).
@@ -15,9 +15,7 @@ row plus its id) and draws top down (``ops.hierarchical.balanced_sample``).
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import itertools
 import logging
 import time
 from typing import Any
@@ -26,41 +24,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ops.hierarchical import STRATEGIES, balanced_sample, upper_levels
-from ops.metrics import size_stats
-from pipelines.config import RunConfig
-from pipelines.errors import ConfigError
-from pipelines.fit import params_of
-from pipelines.label import read_label_columns
-from pipelines.output import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
-from pipelines.run import run, versions
-from pipelines.storage import Location, resolve
+from pseudolabel.ops.hierarchical import balanced_sample, upper_levels
+from pseudolabel.ops.metrics import size_stats
+from pseudolabel.pipelines.commands.run import run, versions
+from pseudolabel.pipelines.config import CurateConfig
+from pseudolabel.pipelines.io.label_files import read_label_columns
+from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
+from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
 
 SELECTION_FILE_ROWS = 1_000_000
 
 
-def parse_levels(text: str) -> list[int]:
-    try:
-        levels = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--levels must be comma-separated integers, got {text!r}") from None
-    if not levels or any(k < 1 for k in levels):
-        raise ConfigError(f"--levels needs positive cluster counts, got {text!r}")
-    if any(b >= a for a, b in itertools.pairwise(levels)):
-        raise ConfigError(f"--levels must shrink from level to level, got {levels}")
-    return levels
-
-
-def curate(
-    config: RunConfig, levels: list[int], sample_size: int, strategy: str = "random"
-) -> dict[str, Any]:
-    """Cluster in ``levels`` and write a balanced selection of ``sample_size`` ids."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if sample_size < 1:
-        raise ConfigError(f"--sample-size must be at least 1, got {sample_size}")
+def curate(config: CurateConfig) -> dict[str, Any]:
+    """Cluster in ``config.levels`` and write a balanced selection of ``sample_size`` ids."""
+    levels, sample_size, strategy = config.level_sizes(), config.sample_size, config.strategy
     t0 = time.perf_counter()
     root = resolve(config.output, config.storage_options)
     output = RunOutput(root)
@@ -71,12 +50,10 @@ def curate(
     # above the k where `auto` switches to random seeds for speed (measured: random
     # seeds left 19 of 200 long-tail components without a cluster, k-means++ none).
     init = "kmeans++" if config.init == "auto" else config.init
-    level1_config = dataclasses.replace(
-        config, k=levels[0], init=init, output=root.join("level1").url
-    )
+    level1_config = config.level1_config(init=init, output=root.join("level1").url)
     level1 = run(level1_config)
 
-    params = params_of(level1_config)
+    params = level1_config.kmeans_params()
     centroids = load_npy(root.join("level1", CENTROIDS))
     tree = upper_levels(
         centroids,
@@ -108,7 +85,7 @@ def curate(
     manifest = {
         "format": 1,
         "command": "curate",
-        "config": {**config.to_dict(), "k": levels[0]},
+        "config": config.to_dict(),
         "levels": levels,
         "strategy": strategy,
         "resampling": {"steps": config.resampling_steps, "strategy": config.resample_strategy},

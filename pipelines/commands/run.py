@@ -1,4 +1,5 @@
-"""``pseudolabel run``: plan -> fit -> label -> commit, as DESIGN.md's flow."""
+"""``pseudolabel run``: plan -> fit -> [balance] -> label -> verify -> commit, as DESIGN.md's
+flow. ``pseudolabel.run`` and the command line both call ``run`` here."""
 
 from __future__ import annotations
 
@@ -12,32 +13,36 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
-from ops.metrics import scores, size_stats
-from pipelines.balance import (
+import ray
+
+from pseudolabel.ops.metrics import scores, size_stats
+from pseudolabel.pipelines.commands.report import write_report
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.errors import ConfigError, InputError
+from pseudolabel.pipelines.io.checkpoints import Checkpoints
+from pseudolabel.pipelines.io.layout import CENTROIDS, CHECKPOINTS, DUALS, RunOutput
+from pseudolabel.pipelines.io.plan import Plan, make_plan
+from pseudolabel.pipelines.io.skips import start_ledger
+from pseudolabel.pipelines.io.storage import resolve
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.session import ray_session, size_pools
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.stages.balance import (
     load_balance,
     manifest_section,
     run_balance,
     save_balance,
     target_proportions,
 )
-from pipelines.cluster import ray_session, size_pools
-from pipelines.config import RunConfig
-from pipelines.errors import ConfigError, InputError
-from pipelines.fit import FitResult, fingerprint, run_fit
-from pipelines.label import (
+from pseudolabel.pipelines.stages.fit import FitResult, fingerprint, run_fit
+from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
+from pseudolabel.pipelines.stages.nightly import label_drift
+from pseudolabel.pipelines.stages.verify import (
     LabelCounts,
-    LabelPool,
-    LabelSpec,
+    check_rows,
     count_labels,
     drop_duplicate_ids,
-    label_pass,
 )
-from pipelines.nightly import label_drift
-from pipelines.output import CENTROIDS, CHECKPOINTS, DUALS, Checkpoints, RunOutput
-from pipelines.reader import Plan, ReadSettings, make_plan
-from pipelines.report import write_report
-from pipelines.shards import RayShardedData, WorkerSpec
-from pipelines.storage import resolve
 
 log = logging.getLogger("pseudolabel")
 
@@ -47,21 +52,6 @@ def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t0, 3)
-
-
-def read_settings(config: RunConfig, plan: Plan | None = None) -> ReadSettings:
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "float16" if plan is not None and plan.value_type == "float16" else "float32"
-    return ReadSettings(
-        id_column=config.id_column,
-        embedding_column=config.embedding_column,
-        extra_columns=(config.truth_column,) if config.truth_column else (),
-        dim=plan.dim if plan else 0,
-        dtype=dtype,
-        on_bad_rows=config.on_bad_rows,
-        storage_options=config.storage_options,
-    )
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -84,8 +74,8 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     with _timed("plan", timings):
-        plan = make_plan(config.input, read_settings(config))
-    settings = read_settings(config, plan)
+        plan = make_plan(config.input, config.read_settings())
+    settings = config.read_settings(plan)
     log.info(
         "plan: %d %s files, %d rows, dim %d, %s%s",
         len(plan.files),
@@ -102,16 +92,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     with ray_session(config) as resources:
         timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
         sizing = size_pools(config, resources)
-        spec = WorkerSpec(
-            metric=config.metric,
-            device=sizing.device,
-            num_cpus=config.cpus_per_worker,
-            num_gpus=config.gpus_per_worker,
-            max_restarts=config.max_restarts,
-            batch_rows=config.batch_rows,
-            startup_timeout=config.startup_timeout,
-            threads=sizing.worker_threads,
-        )
+        spec = WorkerSpec.of(config, sizing)
+        ledger = start_ledger()  # every reader reports its skipped rows here
         checkpoints = Checkpoints(output.root.join(CHECKPOINTS), fingerprint(config, plan))
         with _timed("fit", timings):
             fitted = run_fit(
@@ -122,22 +104,28 @@ def run(config: RunConfig) -> dict[str, Any]:
                 sizing.workers,
                 checkpoints,
                 keep_workers=config.balanced,
+                ledger=ledger,
             )
         output.write_array(CENTROIDS, fitted.state.centroids)  # labelers load it
         balance = None
         if config.balanced:
             with _timed("balance", timings):
-                balance = _balance(config, plan, settings, spec, sizing, fitted, output)
-        counts, duplicates = _label(config, plan, settings, sizing, output, timings, balance)
-        if duplicates:
-            fitted.skipped["duplicate id"] = duplicates
-        written = counts["label"].rows
-        expected = plan.total_rows - sum(fitted.skipped.values())
-        if fitted.workers and written != expected:
-            raise RuntimeError(
-                f"label pass wrote {written} rows, expected {expected}: not committing"
-            )
-        manifest = _manifest(config, plan, fitted, counts, timings, sizing, balance)
+                balance = _balance(config, plan, settings, spec, sizing, fitted, output, ledger)
+        staging = output.new_staging()
+        with _timed("label", timings):
+            _label(config, plan, settings, sizing, output, staging, balance, ledger)
+        with _timed("publish", timings):
+            staged = staging.files([".parquet"])
+            skipped = dict(ray.get(ledger.by_reason.remote()))
+            duplicates = drop_duplicate_ids(staged, config.on_bad_rows)
+            if duplicates:
+                skipped["duplicate id"] = duplicates
+            columns = ("label", "nearest_label") if balance else ("label",)
+            counts = count_labels(staged, config.k, columns, config.truth_column)
+            written = counts["label"].rows
+            check_rows(written, plan.total_rows, skipped)  # before anything is published
+            output.publish(staged)
+        manifest = _manifest(config, plan, fitted, counts, skipped, timings, sizing, balance)
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
@@ -148,7 +136,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     return manifest
 
 
-def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput):
+def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger):
     """Sinkhorn on workers that hold the rows (the fit's, or freshly loaded ones), or the
     checkpointed solution of the same problem. Returns (result, manifest info)."""
     centroids = fitted.state.centroids
@@ -168,7 +156,7 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
         log.info("balance: solution of this run found in %s; not solving again", ckpt.url)
         save_balance(output.root, ckpt, saved, key)
         return saved, {"resumed": True}
-    data = fitted.data or RayShardedData(plan, settings, spec, sizing.workers)
+    data = fitted.data or ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
     try:
         result, info = run_balance(config, data, centroids, q)
     finally:
@@ -177,34 +165,16 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
     return result, info
 
 
-def _label(config, plan, settings, sizing, output: RunOutput, timings, balance):
-    spec = LabelSpec(
-        metric=config.metric,
-        topk=config.topk,
-        id_type=plan.id_type,
-        truth_column=config.truth_column,
-        device=sizing.device,
-        threads=sizing.label_threads,
+def _label(config, plan, settings, sizing, output: RunOutput, staging, balance, ledger) -> None:
+    spec = LabelSpec.of(
+        config,
+        sizing,
         duals_url=output.root.join(DUALS).url if balance else None,
         epsilon=balance[0].epsilon if balance else None,
     )
-    pool = LabelPool(
-        size=sizing.label_workers,
-        num_cpus=config.cpus_per_worker,
-        num_gpus=config.gpus_per_worker,
-        batch_rows=config.label_batch_rows,
-    )
+    pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
-    with _timed("label", timings):
-        staging = output.new_staging()
-        label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging)
-    with _timed("publish", timings):
-        staged = staging.files([".parquet"])
-        duplicates = drop_duplicate_ids(staged, config.on_bad_rows)
-        columns = ("label", "nearest_label") if balance else ("label",)
-        counts = count_labels(staged, config.k, columns, config.truth_column)
-        output.publish(staged)
-    return counts, duplicates
+    label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger)
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:
@@ -216,6 +186,7 @@ def _manifest(
     plan: Plan,
     fitted: FitResult,
     counts: dict[str, LabelCounts],
+    skipped: dict[str, int],
     timings,
     sizing,
     balance,
@@ -227,9 +198,9 @@ def _manifest(
     }
     if config.truth_column:
         metrics["truth"] = {c: scores(n.truth_table()) for c, n in counts.items()}
-    skipped = {
+    skipped_section = {
         "total": plan.total_rows - label.rows,
-        "by_reason": fitted.skipped,
+        "by_reason": skipped,
         "files": plan.skipped_files,  # whole files left out at planning (rows: if known)
     }
     clusters = {"k": config.k, **_cluster_section(label)}
@@ -262,7 +233,7 @@ def _manifest(
             "seconds": {k: round(v, 3) for k, v in fitted.seconds.items()},
         },
         "clusters": clusters,
-        "rows": {"input": plan.total_rows, "output": label.rows, "skipped": skipped},
+        "rows": {"input": plan.total_rows, "output": label.rows, "skipped": skipped_section},
         "metrics": metrics,
         "timings": dict(timings),
         "versions": versions(),

@@ -23,7 +23,7 @@ import json
 import logging
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,52 +31,17 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from ops.metrics import contingency, nmi
-from pipelines.datasource import embedding_dataset
-from pipelines.errors import ConfigError, InputError
-from pipelines.output import LABELS, SUCCESS, RunOutput
-from pipelines.reader import ReadSettings, make_plan
-from pipelines.storage import Location, resolve
+from pseudolabel.ops.metrics import contingency, nmi
+from pseudolabel.pipelines.config import TrainConfig
+from pseudolabel.pipelines.errors import ConfigError, InputError
+from pseudolabel.pipelines.io.datasource import embedding_dataset
+from pseudolabel.pipelines.io.layout import LABELS, SUCCESS, RunOutput
+from pseudolabel.pipelines.io.plan import make_plan
+from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
 
-HEADS = ("linear", "mlp")
 PROBE_ROWS = 20_000  # rows per split brought to the driver for the linear probe
-
-
-@dataclass
-class TrainConfig:
-    input: str
-    labels: str  # a committed run's --output
-    output: str
-    head: str = "mlp"
-    hidden: int = 256
-    epochs: int = 5
-    workers: int = 2
-    cpus_per_worker: float = 0.5
-    batch_size: int = 256
-    lr: float = 1e-2  # Adam on a small head: 1e-3 left a 4k-row mixture untrained
-    label_column: str = "label"
-    truth_column: str | None = None
-    heldout: float = 0.1
-    rounds: int = 0
-    compare: bool = False
-    seed: int = 0
-    id_column: str | None = "id"
-    embedding_column: str = "embedding"
-    storage_options: dict = field(default_factory=dict, repr=False)
-
-    def validate(self) -> TrainConfig:
-        if self.head not in HEADS:
-            raise ConfigError(f"--head must be one of {HEADS}, got {self.head!r}")
-        for name in ("epochs", "workers", "batch_size", "hidden"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 < self.heldout < 1:
-            raise ConfigError(f"--heldout must be in (0, 1), got {self.heldout}")
-        if self.compare and not self.truth_column:
-            raise ConfigError("--compare needs --truth-column")
-        return self
 
 
 # ------------------------------------------------------------------------------ data
@@ -106,12 +71,7 @@ def _split(
 
 def _plan(cfg: TrainConfig, extra_columns: tuple[str, ...] = ()) -> tuple:
     """(plan, read settings) of the embeddings, read as float32."""
-    settings = ReadSettings(
-        id_column=cfg.id_column,
-        embedding_column=cfg.embedding_column,
-        extra_columns=extra_columns,
-        storage_options=cfg.storage_options,
-    )
+    settings = cfg.read_settings(extra_columns)
     plan = make_plan(cfg.input, settings)
     return plan, dataclasses.replace(settings, dim=plan.dim, dtype="float32")
 
@@ -162,8 +122,8 @@ def _train_loop(loop: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ops.metrics import matched_accuracy
-    from ops.probe import make_head
+    from pseudolabel.ops.metrics import matched_accuracy
+    from pseudolabel.ops.probe import make_head
 
     torch.manual_seed(loop["seed"])
     model = ray.train.torch.prepare_model(
@@ -296,7 +256,7 @@ def train_head(
 
 def _head_module(state: dict, kind: str, hidden: int, dim: int, k: int):
     """A trained head, in eval mode, from its state_dict."""
-    from ops.probe import make_head
+    from pseudolabel.ops.probe import make_head
 
     head = make_head(dim, k, kind, hidden)
     head.load_state_dict(state)
@@ -364,7 +324,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:
     """Probe accuracy on the truth of each head's features: pseudo-labels, nearest
     labels, random labels, and the raw embeddings for reference."""
-    from ops.probe import head_features, linear_probe
+    from pseudolabel.ops.probe import head_features, linear_probe
 
     def fetch(part) -> tuple[np.ndarray, np.ndarray]:
         batch = part.limit(PROBE_ROWS).take_batch(PROBE_ROWS, batch_format="numpy")
@@ -401,7 +361,7 @@ class _Features:
         self.head = _head_module(state, head, hidden, dim, k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from ops.probe import head_features
+        from pseudolabel.ops.probe import head_features
 
         f = head_features(self.head, batch["embedding"])
         columns = {k: pa.array(v) for k, v in batch.items() if k != "embedding"}
@@ -412,8 +372,8 @@ class _Features:
 def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: int) -> list:
     """Re-embed with the head, re-cluster with the same run settings, retrain; NMI
     between the labels of consecutive rounds tracks how far the clustering moves."""
-    from pipelines.config import build
-    from pipelines.run import run
+    from pseudolabel.pipelines.commands.run import run
+    from pseudolabel.pipelines.config import build
 
     out = resolve(cfg.output, cfg.storage_options)
     truth = (cfg.truth_column,) if cfg.truth_column else ()
@@ -470,7 +430,7 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
 
 def _contingency(a_url: str, b_url: str, options: dict) -> np.ndarray:
     """Labels of two runs, joined by id, as a contingency table."""
-    from pipelines.nightly import ids_and_labels
+    from pseudolabel.pipelines.io.label_files import ids_and_labels
 
     a, b = (
         ids_and_labels(resolve(u, options).join(LABELS).files([".parquet"])) for u in (a_url, b_url)

@@ -1,21 +1,16 @@
-"""``pseudolabel demo``: write a small sharded long-tailed mixture with ground truth, run
-the job on an embedded local Ray with balanced labels, and print the summary (sizes and
-NMI against the truth, for the balanced and the nearest-centroid labels)."""
+"""Test data: Gaussian mixtures with ground truth, written as sharded parquet files.
+
+Shared by the tests and the benchmarks; the demo writes its own input
+(``pipelines.commands.demo``).
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.config import build
-from pipelines.run import run
-from pipelines.summary import text_summary
-
-log = logging.getLogger("pseudolabel")
 
 
 def mixture(
@@ -64,34 +59,3 @@ def write_parquet_shards(
         pq.write_table(pa.table(columns), path, row_group_size=row_group_rows)
         paths.append(path)
     return paths
-
-
-def run_demo(
-    directory: str,
-    rows: int = 100_000,
-    dim: int = 64,
-    k: int = 32,
-    shards: int = 8,
-    workers: int | None = None,
-) -> dict:
-    root = Path(directory).resolve()
-    x, truth = mixture(rows, dim, k, seed=0, weights=long_tail_weights(k, 0.5))
-    for old in (root / "input").glob("*.parquet"):
-        old.unlink()
-    write_parquet_shards(root / "input", x, shards, truth)
-    log.info(
-        "demo: wrote %d rows x %d dims in %d parquet shards to %s/input", rows, dim, shards, root
-    )
-    config = build(
-        input=str(root / "input"),
-        output=str(root / "run"),
-        k=k,
-        truth_column="truth",
-        workers=workers,
-        overwrite=True,
-        balanced=True,
-        topk=3,
-    )
-    manifest = run(config)
-    print(text_summary(manifest, config.output), flush=True)
-    return manifest

@@ -15,12 +15,13 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ops.sinkhorn import SinkhornResult, proportions, sinkhorn
-from pipelines.config import RunConfig
-from pipelines.errors import ConfigError
-from pipelines.output import DUALS
-from pipelines.shards import RayShardedData, SinkhornShards
-from pipelines.storage import Location, resolve
+from pseudolabel.ops.sinkhorn import SinkhornResult, proportions, sinkhorn
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.layout import DUALS
+from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.sinkhorn import SinkhornShards
 
 log = logging.getLogger("pseudolabel")
 
@@ -56,7 +57,7 @@ def target_proportions(config: RunConfig) -> np.ndarray:
 
 
 def run_balance(
-    config: RunConfig, data: RayShardedData, centroids: np.ndarray, q: np.ndarray
+    config: RunConfig, data: ResidentShards, centroids: np.ndarray, q: np.ndarray
 ) -> tuple[SinkhornResult, dict]:
     """Solve for the column potentials on the workers that hold the rows."""
     t0 = time.perf_counter()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pyarrow as pa
 
-from ops.drift import centroid_shift, changed_fraction, match_centroids
-from pipelines.config import RunConfig
-from pipelines.errors import ConfigError
-from pipelines.label import read_label_columns
-from pipelines.output import CENTROIDS, LABELS, load_npy
-from pipelines.storage import Location, resolve
+from pseudolabel.ops.drift import centroid_shift, changed_fraction, match_centroids
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.label_files import ids_and_labels
+from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, load_npy
+from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
 
@@ -75,11 +74,3 @@ def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]
         drift["centroid_shift"]["mean"],
     )
     return drift
-
-
-def ids_and_labels(files: list[Location]) -> pa.Table:
-    """(id, label) of every row in label files."""
-    tables = read_label_columns(files, ["id", "label"])
-    if not tables:
-        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int32())})
-    return pa.concat_tables(tables)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.output import CENTROIDS, REPORT, RunOutput, load_npy
-from pipelines.storage import resolve
-from pipelines.summary import text_summary
+from pseudolabel.pipelines.commands.summary import text_summary
+from pseudolabel.pipelines.io.layout import CENTROIDS, REPORT, RunOutput, load_npy
+from pseudolabel.pipelines.io.storage import resolve
 
 log = logging.getLogger("pseudolabel")
 
@@ -66,7 +66,7 @@ def _figures(manifest: dict[str, Any], storage_options: dict) -> list[tuple[str,
 
     drift = manifest.get("drift")
     if drift and not drift.get("missing"):
-        from ops.drift import match_centroids, matched_shifts
+        from pseudolabel.ops.drift import match_centroids, matched_shifts
 
         previous = load_npy(resolve(drift["previous_run"], storage_options).join(CENTROIDS))
         current = np.asarray(manifest["_centroids"])

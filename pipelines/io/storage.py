@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
-from pipelines.errors import InputError, StorageError
+from pseudolabel.pipelines.errors import InputError, StorageError
 
 # S3 defaults, each overridable through storage_options["config_kwargs"]: a connection
 # attempt gives up after 5 s, a read after 60 s, and botocore makes 4 attempts in all

@@ -1,0 +1,1 @@
+"""Jobs that chain the stages: run, curate, train, demo, and the report of a run."""

@@ -1,0 +1,1 @@
+"""Storage, planning, reading and validation, the output layout and checkpoints."""

@@ -1,0 +1,147 @@
+"""The driver's side of the resident workers: ``ops.dataset`` over ShardWorker actors.
+
+``ResidentShards`` implements ``ShardedData`` and ``ResamplableData``, so
+``ops.kmeans.fit`` and ``ops.hierarchical.resample_refine`` run unchanged on a cluster.
+Per iteration the driver puts the centroids once and receives k x d float64 sums and k
+counts per worker, summed in a tree when there are many workers (DESIGN invariant 2).
+Samples and selections travel as keys and row numbers; embeddings reach the driver only
+as the seeding sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import ray
+
+from pseudolabel.ops.sampling import cluster_thresholds, smallest
+from pseudolabel.ops.stats import PartialStats, reduce_stats
+from pseudolabel.pipelines.io.plan import Plan, ReadSettings
+from pseudolabel.pipelines.runtime.actors import WorkerSpec, start_actor, stop_actors, wait_ready
+from pseudolabel.pipelines.runtime.sources import FileRows
+from pseudolabel.pipelines.runtime.workers import ShardWorker
+
+log = logging.getLogger("pseudolabel")
+
+# Above this many workers the driver sums their statistics in a tree of Ray tasks,
+# each adding at most this many, instead of receiving every k x d matrix itself.
+REDUCE_FAN_IN = 8
+
+
+@ray.remote
+def _sum_stats(*parts: PartialStats) -> PartialStats:
+    return reduce_stats(list(parts))
+
+
+def tree_reduce(refs: list) -> PartialStats:
+    """Sum statistics refs, REDUCE_FAN_IN at a time, in a fixed (index) order."""
+    while len(refs) > REDUCE_FAN_IN:
+        refs = [
+            _sum_stats.remote(*refs[i : i + REDUCE_FAN_IN])
+            for i in range(0, len(refs), REDUCE_FAN_IN)
+        ]
+    return reduce_stats(ray.get(refs))
+
+
+class ResidentShards:
+    """ShardWorker actors that hold their rows, one per source."""
+
+    def __init__(self, sources: list, settings: ReadSettings, spec: WorkerSpec, ledger=None):
+        self.settings, self.spec = settings, spec
+        self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
+        self.infos = wait_ready(self.actors, spec)
+
+    @classmethod
+    def from_plan(
+        cls, plan: Plan, settings: ReadSettings, spec: WorkerSpec, workers: int, ledger=None
+    ) -> ResidentShards:
+        assignment = plan.split(workers)
+        if len(assignment) < workers:
+            log.info(
+                "input splits into %d pieces: using %d workers, not %d",
+                len(assignment),
+                len(assignment),
+                workers,
+            )
+        return cls([FileRows(tuple(s)) for s in assignment], settings, spec, ledger)
+
+    @property
+    def skipped(self) -> Counter:
+        return sum((Counter(i["skipped"]) for i in self.infos), Counter())
+
+    def count(self) -> int:
+        return sum(i["rows"] for i in self.infos)
+
+    def dim(self) -> int:
+        return self.settings.dim
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        return keyed_sample(self.actors, n, seed, self.settings.dim)
+
+    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        return tree_reduce([a.partial_stats.remote(ref) for a in self.actors])
+
+    def cluster_subset(
+        self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
+    ) -> ShardSubset:
+        """Up to per_cluster rows of every cluster, kept on the workers."""
+        c = np.ascontiguousarray(centroids, np.float32)
+        problem = {"centroids": c, "per_cluster": per_cluster, "strategy": strategy, "seed": seed}
+        ref = ray.put(problem)
+        parts = ray.get([a.cluster_candidates.remote(ref) for a in self.actors])
+        labels, keys, rows = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        key_t, row_t = cluster_thresholds(labels, keys, rows, len(c), per_cluster)
+        selection = {**problem, "key_t": key_t, "row_t": row_t, "token": uuid.uuid4().hex}
+        selection_ref = ray.put(selection)
+        counts = ray.get([a.select.remote(selection_ref) for a in self.actors])
+        return ShardSubset(self, selection_ref, sum(counts))
+
+    def shutdown(self) -> None:
+        stop_actors(self.actors, self.spec)
+        self.actors = []
+
+
+class ShardSubset:
+    """A selection of the workers' rows (``ResidentShards.cluster_subset``) as a dataset."""
+
+    def __init__(self, shards: ResidentShards, selection: Any, rows: int):
+        self.shards, self.selection, self.rows = shards, selection, rows
+
+    def count(self) -> int:
+        return self.rows
+
+    def dim(self) -> int:
+        return self.shards.dim()
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        return keyed_sample(self.shards.actors, n, seed, self.dim(), self.selection)
+
+    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        actors = self.shards.actors
+        return tree_reduce([a.partial_stats.remote(ref, self.selection) for a in actors])
+
+
+def keyed_sample(actors: list, n: int, seed: int, dim: int, selection: Any = None) -> np.ndarray:
+    """The n rows with the smallest sampling keys over all workers, in global row order
+    (``ops.dataset.ShardedData.sample``): keys first, then only the chosen rows."""
+    parts = ray.get([a.sample_candidates.remote(n, seed, selection) for a in actors])
+    keys = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    owner = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(parts)])
+    picked = smallest(keys, rows, n)
+    refs = [
+        actors[i].rows_at.remote(np.sort(rows[picked][owner[picked] == i]))
+        for i in np.unique(owner[picked])
+    ]
+    found = ray.get(refs)
+    if not found:
+        return np.empty((0, dim), np.float32)
+    got_rows = np.concatenate([f[0] for f in found])
+    x = np.concatenate([f[1] for f in found])
+    return x[np.argsort(got_rows, kind="stable")]

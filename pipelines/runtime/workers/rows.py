@@ -1,0 +1,121 @@
+"""The resident-rows role: a worker's rows, loaded once and kept for every iteration.
+
+Answers the k-means loop's questions (``ops.dataset.ShardedData``) for its own rows:
+statistics of an assignment step, and the keys and rows of a sample. A ``selection``
+(see ``resample.py``) restricts both to a subset of the rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from collections import Counter
+
+import faiss
+import numpy as np
+import ray
+
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.sampling import row_keys, smallest
+from pseudolabel.ops.stats import PartialStats, partial_stats
+from pseudolabel.pipelines.errors import PseudolabelError
+from pseudolabel.pipelines.io.plan import ReadSettings
+from pseudolabel.pipelines.io.skips import report_skips
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.session import limit_threads
+
+log = logging.getLogger("pseudolabel")
+
+
+class ResidentRows:
+    """Rows of a source (``runtime.sources``) in memory, or on the worker's GPU."""
+
+    def __init__(self, source, settings: ReadSettings, spec: WorkerSpec, ledger=None):
+        limit_threads(spec.threads)
+        # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
+        # so the actor is ready while the driver seeds; its first use waits if needed.
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        self.spec, self.settings = spec, settings
+        self.skipped: Counter = Counter()
+        self.device_rows = None  # rows on the GPU, for --gpus-per-worker
+        # A constructor exception reaches the driver only as "actor died": keep it and
+        # raise it from info(), where it arrives as itself (file, row, column).
+        self.error: Exception | None = None
+        try:
+            self._load(source, ledger)
+        except PseudolabelError as e:
+            self.error = e
+
+    def _load(self, source, ledger) -> None:
+        n = source.size()
+        x = np.empty((n, self.settings.dim), self.settings.dtype)
+        rows = np.empty(n, np.int64)
+        filled = 0
+        for batch in source.batches(self.settings):
+            report_skips(ledger, batch)
+            m = len(batch.x)
+            x[filled : filled + m] = batch.x
+            rows[filled : filled + m] = batch.rows
+            filled += m
+            self.skipped.update(batch.skipped)
+        self.x, self.rows = x[:filled], rows[:filled]
+        if self.spec.metric == "ip":  # zero rows were refused or skipped by the reader
+            self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
+        if self.spec.device == "cuda":  # rows stay on the GPU for every iteration
+            from pseudolabel.ops.gpu import DeviceRows, backend
+
+            self.device_rows = DeviceRows(self.x, "cuda")
+            log.info(
+                "worker: %d rows on the GPU in %s (search: %s)",
+                len(self.x),
+                self.device_rows.dtype,
+                backend(),
+            )
+
+    def info(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return {
+            "rows": len(self.x),
+            "skipped": dict(self.skipped),
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "pid": os.getpid(),
+            "threads": faiss.omp_get_max_threads(),
+            "device": self.spec.device,
+            "rows_dtype": self.device_rows.dtype if self.device_rows else str(self.x.dtype),
+        }
+
+    def _selected(self, selection: dict | None) -> np.ndarray | None:
+        """Indices of the rows in ``selection``; None for all rows (see ``resample.py``)."""
+        if selection is None:
+            return None
+        raise NotImplementedError("this worker has no resampling role")
+
+    def sample_candidates(
+        self, n: int, seed: int, selection: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, global rows) of this worker's n rows with the smallest sampling keys."""
+        mine = self._selected(selection)
+        rows = self.rows if mine is None else self.rows[mine]
+        keys = row_keys(rows, seed)
+        picked = smallest(keys, rows, n)
+        return keys[picked], rows[picked]
+
+    def rows_at(self, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found global rows, their embeddings) for sorted global row numbers."""
+        pos = np.searchsorted(self.rows, global_rows)
+        pos = pos[pos < len(self.rows)]
+        hit = pos[np.isin(self.rows[pos], global_rows)]
+        return self.rows[hit], np.asarray(self.x[hit], np.float32)
+
+    def partial_stats(self, centroids: np.ndarray, selection: dict | None = None) -> PartialStats:
+        mine = self._selected(selection)
+        if mine is not None:
+            index = CentroidIndex(centroids, self.spec.metric, self.spec.device)
+            return partial_stats(self.x[mine], index)
+        if self.device_rows is not None:
+            return self.device_rows.partial_stats(centroids, self.spec.metric)
+        return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))

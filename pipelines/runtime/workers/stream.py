@@ -1,0 +1,82 @@
+"""The streaming role: mini-batch k-means over a Ray Data split, pulled by the actor.
+
+Ray Data reads (and validates) the rows; each actor pulls its own split of the stream,
+so batches reach it by reference and never pass through the driver. Seeding takes its
+sample from the first batches of epoch 0, which are kept for the first steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.stats import PartialStats, partial_stats
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.session import limit_threads
+
+
+class StreamWorker:
+    """One split of a Ray Data stream (``Dataset.streaming_split``), in mini-batches."""
+
+    def __init__(self, split, column: str, dim: int, spec: WorkerSpec):
+        limit_threads(spec.threads)
+        self.stream, self.column, self.dim, self.spec = split, column, dim, spec
+        self._batches = None
+        self._pending: list[np.ndarray] = []  # batches read for seeding, not yet used
+        self._epoch: int | None = None
+
+    def info(self) -> dict:
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"rows": 0, "skipped": {}, "node": node, "device": self.spec.device}
+
+    def start_epoch(self, epoch: int) -> None:
+        """Begin pulling this worker's split for ``epoch`` (a no-op if already begun)."""
+        if self._epoch == epoch and self._batches is not None:
+            return
+        self._epoch = epoch
+        self._pending = []
+        self._batches = iter(
+            self.stream.iter_batches(
+                batch_size=self.spec.batch_rows,
+                batch_format="numpy",
+                local_shuffle_buffer_size=4 * self.spec.batch_rows,
+                local_shuffle_seed=epoch,
+            )
+        )
+
+    def _next_rows(self) -> np.ndarray | None:
+        if self._pending:
+            return self._pending.pop(0)
+        batch = next(self._batches, None) if self._batches is not None else None
+        if batch is None:
+            self._batches = None
+            return None
+        x = np.asarray(batch[self.column])
+        if x.dtype == object:  # a list column arrives as an array of arrays
+            x = np.stack(x)
+        return normalize_rows(x) if self.spec.metric == "ip" else x
+
+    def stream_sample(self, n: int, seed: int) -> np.ndarray:
+        """A uniform sample of n rows from the first batches of epoch 0, which are kept
+        for the first steps: seeding reads nothing extra and skips no row."""
+        self.start_epoch(0)
+        held, rows = [], 0
+        while rows < n and (x := self._next_rows()) is not None:
+            held.append(x)
+            rows += len(x)
+        self._pending = held
+        if not held:
+            return np.empty((0, self.dim), np.float32)
+        pool = np.concatenate(held)
+        pick = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
+        return np.asarray(pool[np.sort(pick)], np.float32)
+
+    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats:
+        """Statistics of this worker's next mini-batch; zeros once its split is done."""
+        x = self._next_rows()
+        if x is None:
+            k, d = centroids.shape
+            return PartialStats.zeros(k, d)
+        return partial_stats(x, CentroidIndex(centroids, self.spec.metric, self.spec.device))

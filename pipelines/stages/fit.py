@@ -1,0 +1,190 @@
+"""The fit stage: start the workers, seed, run ``ops.kmeans.fit``, checkpoint each step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pseudolabel.ops.hierarchical import resample_refine
+from pseudolabel.ops.kmeans import KMeansParams, KMeansState, fit, init_state
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.io.checkpoints import Checkpoints
+from pseudolabel.pipelines.io.datasource import embedding_dataset
+from pseudolabel.pipelines.io.plan import Plan, ReadSettings
+from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.streaming import StreamingShards
+from pseudolabel.pipelines.stages.nightly import load_init_centroids
+
+log = logging.getLogger("pseudolabel")
+
+
+@dataclass
+class FitResult:
+    state: KMeansState
+    init: str
+    resumed_from: int | None
+    workers: int
+    nodes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    data: ResidentShards | None = None  # the workers, when kept for the balance stage
+
+
+def fingerprint(config: RunConfig, plan: Plan) -> dict:
+    """What must match for a checkpoint to be resumed (the worker count need not)."""
+    return {
+        "input": plan.input_url,
+        "rows": plan.total_rows,
+        "dim": plan.dim,
+        "k": config.k,
+        "algorithm": config.algorithm,
+        "seed": config.seed,
+        "spherical": config.spherical,
+        "init": config.init,
+        "init_centroids": config.init_centroids,
+    }
+
+
+def start_workers(
+    config: RunConfig,
+    plan: Plan,
+    settings: ReadSettings,
+    spec: WorkerSpec,
+    workers: int,
+    ledger=None,
+) -> ResidentShards | StreamingShards:
+    """Resident workers that load the planned files (Lloyd), or stream workers over a
+    Ray Data read of them (mini-batch)."""
+    if config.algorithm == "minibatch":
+        # Small read tasks in a seeded random order: batches mix many files early on.
+        dataset = embedding_dataset(
+            plan,
+            settings,
+            with_ids=False,
+            shuffle_seed=config.seed,
+            rows_per_task=4 * spec.batch_rows,
+            ledger=ledger,
+        )
+        return StreamingShards(dataset, "embedding", plan.dim, plan.total_rows, spec, workers)
+    return ResidentShards.from_plan(plan, settings, spec, workers, ledger)
+
+
+def fit_on_workers(
+    config: RunConfig,
+    data: ResidentShards | StreamingShards,
+    params: KMeansParams,
+    state: KMeansState | None,
+    checkpoints: Checkpoints | None = None,
+    warm: tuple | None = None,
+    loop_done: bool = False,
+) -> tuple[KMeansState, str, dict[str, float]]:
+    """Seed (or resume ``state``), iterate, refine: (state, init, seconds)."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if state is None:
+        centroids, note = warm or (None, None)
+        state, init = init_state(data, params, init_centroids=centroids)
+        if note:
+            init = f"{init} ({note})"
+        log.info("fit: %s seeding of k=%d in %.1f s", init, config.k, time.perf_counter() - t0)
+    else:
+        init = "checkpoint"
+        log.info("fit: resuming from iteration %d", state.iteration)
+    seconds["init"] = time.perf_counter() - t0
+
+    def on_iteration(s: KMeansState, record) -> None:
+        # Checkpoint first: a progress line on screen means the iteration is durable.
+        if checkpoints is not None:
+            t = time.perf_counter()
+            checkpoints.save(s)
+            seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t
+        log.info("fit: %s", record.line(params.iterations))
+
+    t0 = time.perf_counter()
+    if not loop_done:  # else only the resampling refinement is left to do
+        fit(data, params, state, on_iteration)
+    seconds["iterations"] = time.perf_counter() - t0
+    if config.resampling_steps and config.algorithm == "lloyd":
+        t0 = time.perf_counter()
+        per_cluster = config.resample_size or max(1, data.count() // (2 * config.k))
+        state.centroids = resample_refine(
+            data,
+            state.centroids,
+            params,
+            config.resampling_steps,
+            per_cluster,
+            config.resample_strategy,
+        )
+        seconds["resampling"] = time.perf_counter() - t0
+        state.extra["resampled"] = config.resampling_steps
+        if checkpoints is not None:
+            checkpoints.save(state)  # a rerun finds the refined centroids
+        log.info(
+            "fit: %d resampling rounds of %d points per cluster in %.1f s",
+            config.resampling_steps,
+            per_cluster,
+            seconds["resampling"],
+        )
+    if state.converged:
+        log.info("fit: converged (inertia change below --tol %g)", config.tol)
+    return state, init, seconds
+
+
+def run_fit(
+    config: RunConfig,
+    plan: Plan,
+    settings: ReadSettings,
+    spec: WorkerSpec,
+    workers: int,
+    checkpoints: Checkpoints,
+    keep_workers: bool = False,
+    ledger=None,
+) -> FitResult:
+    """Fit from the last checkpoint. With ``keep_workers`` (and Lloyd, whose workers hold
+    the rows) the workers stay up for the balance stage; the caller shuts them down."""
+    params = config.kmeans_params()
+    state = checkpoints.latest()
+    resumed_from = state.iteration if state else None
+    loop_done = state is not None and (state.converged or state.iteration >= params.iterations)
+    refined = not config.resampling_steps or (
+        state is not None and state.extra.get("resampled") == config.resampling_steps
+    )
+    if loop_done and refined:
+        log.info("fit: complete in checkpoint at iteration %d; not refitting", state.iteration)
+        return FitResult(state, "checkpoint", resumed_from, 0, 0)
+
+    warm = load_init_centroids(config, plan.dim) if state is None else None
+    t0 = time.perf_counter()
+    data = start_workers(config, plan, settings, spec, workers, ledger)
+    load = time.perf_counter() - t0
+    nodes = len({i["node"] for i in data.infos})
+    if isinstance(data, ResidentShards):
+        log.info(
+            "fit: %d %s workers on %d node(s) loaded %d rows in %.1f s",
+            len(data.actors),
+            spec.device,
+            nodes,
+            data.count(),
+            load,
+        )
+    else:
+        log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), spec.device)
+    kept = False
+    try:
+        state, init, seconds = fit_on_workers(
+            config, data, params, state, checkpoints, warm, loop_done
+        )
+        kept = keep_workers and isinstance(data, ResidentShards)
+        return FitResult(
+            state,
+            init,
+            resumed_from,
+            len(data.actors),
+            nodes,
+            {"load": load, **seconds},
+            data if kept else None,
+        )
+    finally:
+        if not kept:  # also on any error: no actor outlives a failed fit
+            data.shutdown()

@@ -1,0 +1,173 @@
+"""The label pass: one streaming Ray Data pass from rows to labelled rows.
+
+read -> map_batches(Labeler actor pool) -> write_parquet(staging) for a run, or any Ray
+Dataset -> map_batches(Labeler) for ``pseudolabel.label``. Each Labeler loads the
+centroids (and the Sinkhorn duals) once; every row gets ``label`` and ``distance``
+(squared L2 to that label's centroid; for spherical runs the squared distance between
+unit vectors, 2 - 2 cos), with ``topk`` the M best labels and their distances. With
+balancing, ``label`` is argmax_j S_ij / eps + log v_j, the balanced label,
+``nearest_label`` the nearest centroid, and ``topk_probs`` the plan's row normalised over
+the M. Every other column passes through; the embedding column is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from pseudolabel.ops.arrays import normalize_rows
+from pseudolabel.ops.balanced import BalancedAssigner
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.io.datasource import embedding_dataset
+from pseudolabel.pipelines.io.layout import load_npy
+from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
+from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
+
+# What a Labeler can be given for centroids and duals: a URL of a .npy, or the array.
+ArraySource = str | np.ndarray
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    metric: str
+    topk: int = 0  # M > 0: also the M best labels, distances (and probabilities)
+    embedding_column: str = "embedding"
+    device: str = "cpu"
+    threads: int | None = None  # faiss threads per labeler; None: Ray's OMP_NUM_THREADS
+    duals: ArraySource | None = None  # log v (k,): balanced labels
+    epsilon: float | None = None  # the plan's eps, in score units
+
+    @classmethod
+    def of(
+        cls, config: RunConfig, sizing: Sizing, duals_url: str | None, epsilon: float | None
+    ) -> LabelSpec:
+        return cls(
+            metric=config.metric,
+            topk=config.topk,
+            device=sizing.device,
+            threads=sizing.label_threads,
+            duals=duals_url,
+            epsilon=epsilon,
+        )
+
+
+@dataclass(frozen=True)
+class LabelPool:
+    size: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_rows: int = 65536
+
+    @classmethod
+    def of(cls, config: RunConfig, sizing: Sizing) -> LabelPool:
+        return cls(
+            sizing.label_workers,
+            config.cpus_per_worker,
+            config.gpus_per_worker,
+            config.label_batch_rows,
+        )
+
+
+def _load(source: ArraySource, storage_options: dict) -> np.ndarray:
+    if isinstance(source, str):
+        return load_npy(resolve(source, storage_options))
+    return np.asarray(source)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n, d) from an embedding column: a tensor column, fixed-size or equal-length lists."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arrow_storage(arr)
+    n = len(arr)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(n, -1) if n else values.reshape(0, 0)
+
+
+class Labeler:
+    """A map_batches actor that loads the centroids (and duals) once.
+
+    Given URLs (as a run does), an actor that Ray restarts rebuilds from storage alone,
+    even after the driver's objects are gone.
+    """
+
+    def __init__(self, centroids: ArraySource, spec: LabelSpec, storage_options: dict):
+        limit_threads(spec.threads)
+        beta = None
+        if spec.duals is not None:  # beta = eps log v, in score units
+            beta = _load(spec.duals, storage_options) * spec.epsilon
+        self.spec = spec
+        self.assigner = BalancedAssigner(
+            _load(centroids, storage_options), spec.metric, beta, spec.epsilon, spec.device
+        )
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        spec = self.spec
+        x = embedding_matrix(table.column(spec.embedding_column))
+        if spec.metric == "ip":
+            x = normalize_rows(x)
+        out = self.assigner.assign(x, spec.topk)
+        table = table.drop_columns([spec.embedding_column])
+        columns = {
+            "label": pa.array(out.label.astype(np.int32)),
+            "distance": pa.array(out.distance.astype(np.float32)),
+        }
+        if spec.duals is not None:
+            columns["nearest_label"] = pa.array(out.nearest.astype(np.int32))
+        if spec.topk:
+            columns["topk_labels"] = _fixed_lists(out.topk_labels.astype(np.int32))
+            columns["topk_distances"] = _fixed_lists(out.topk_distances.astype(np.float32))
+            if out.topk_probs is not None:
+                columns["topk_probs"] = _fixed_lists(out.topk_probs)
+        for name, values in columns.items():
+            table = table.append_column(name, values)
+        return table
+
+
+def _fixed_lists(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])
+
+
+def label_dataset(
+    dataset: Any,
+    centroids: ArraySource,
+    spec: LabelSpec,
+    pool: LabelPool,
+    storage_options: dict | None = None,
+) -> Any:
+    """The lazy Dataset of ``dataset``'s rows with their labels (``Labeler``)."""
+    return dataset.map_batches(
+        Labeler,
+        fn_constructor_kwargs={
+            "centroids": centroids,
+            "spec": spec,
+            "storage_options": storage_options or {},
+        },
+        batch_size=pool.batch_rows,
+        batch_format="pyarrow",
+        # min_size = max_size: an autoscaling GPU pool can otherwise stay at one actor
+        # (ray#59144).
+        compute=ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+    )
+
+
+def label_pass(
+    plan: Plan,
+    settings: ReadSettings,
+    centroids: Location,
+    spec: LabelSpec,
+    pool: LabelPool,
+    staging: Location,
+    ledger=None,
+) -> None:
+    """Label every input row into parquet files under ``staging``."""
+    dataset = embedding_dataset(plan, settings, ledger=ledger)
+    labelled = label_dataset(dataset, centroids.url, spec, pool, settings.storage_options)
+    labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
