@@ -30,7 +30,10 @@ def _flag_type(annotation: str):
 
 def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunConfig) -> None:
     """One flag per field of the ``settings`` dataclass, and ``--config FILE``."""
-    parser.add_argument("--config", help="YAML file of settings (e.g. cluster_configs/local.yaml)")
+    example = " (e.g. cluster_configs/local.yaml)" if settings is cfg.RunConfig else ""
+    parser.add_argument(
+        "--config", help=f"YAML file of settings, keyed by these flags' names{example}"
+    )
     for f in cfg.fields(settings):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")

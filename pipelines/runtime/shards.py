@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -68,10 +67,6 @@ class ResidentShards:
                 workers,
             )
         return cls([FileRows(tuple(s)) for s in assignment], settings, spec, ledger)
-
-    @property
-    def skipped(self) -> Counter:
-        return sum((Counter(i["skipped"]) for i in self.infos), Counter())
 
     def count(self) -> int:
         return sum(i["rows"] for i in self.infos)

@@ -3,7 +3,6 @@ StreamWorker actors, each pulling its own split of one Ray Data stream."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,6 @@ class StreamingShards:
         self.splits = dataset.streaming_split(workers, equal=True)
         self.actors = [start_actor(StreamWorker, spec, s, column, dim, spec) for s in self.splits]
         self.infos = wait_ready(self.actors, spec)
-
-    @property
-    def skipped(self) -> Counter:
-        return Counter()
 
     def count(self) -> int:
         return self.rows

@@ -11,7 +11,6 @@ import importlib
 import logging
 import os
 import threading
-from collections import Counter
 
 import faiss
 import numpy as np
@@ -39,7 +38,6 @@ class ResidentRows:
         # so the actor is ready while the driver seeds; its first use waits if needed.
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
         self.spec, self.settings = spec, settings
-        self.skipped: Counter = Counter()
         self.device_rows = None  # rows on the GPU, for --gpus-per-worker
         # A constructor exception reaches the driver only as "actor died": keep it and
         # raise it from info(), where it arrives as itself (file, row, column).
@@ -60,7 +58,6 @@ class ResidentRows:
             x[filled : filled + m] = batch.x
             rows[filled : filled + m] = batch.rows
             filled += m
-            self.skipped.update(batch.skipped)
         self.x, self.rows = x[:filled], rows[:filled]
         if self.spec.metric == "ip":  # zero rows were refused or skipped by the reader
             self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
@@ -80,7 +77,6 @@ class ResidentRows:
             raise self.error
         return {
             "rows": len(self.x),
-            "skipped": dict(self.skipped),
             "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "pid": os.getpid(),
             "threads": faiss.omp_get_max_threads(),

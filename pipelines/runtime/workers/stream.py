@@ -29,7 +29,7 @@ class StreamWorker:
 
     def info(self) -> dict:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"rows": 0, "skipped": {}, "node": node, "device": self.spec.device}
+        return {"rows": 0, "node": node, "device": self.spec.device}
 
     def start_epoch(self, epoch: int) -> None:
         """Begin pulling this worker's split for ``epoch`` (a no-op if already begun)."""
