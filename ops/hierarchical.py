@@ -23,6 +23,7 @@ import numpy as np
 
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.dataset import STRATEGIES, ArrayData, ResamplableData
+from pseudolabel.ops.init import KMEANSPP_POINTS_PER_CENTROID
 from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
 from pseudolabel.ops.sampling import cluster_samples
 
@@ -37,13 +38,16 @@ def resample_refine(
 ) -> np.ndarray:
     """``steps`` rounds of: take ``per_cluster`` rows per cluster, refit k-means on them
     (seeded afresh, as the paper's code does). The rows stay where they are: the refit
-    runs the same loop over ``data.cluster_subset``, a view of the chosen rows."""
+    runs the same loop over ``data.cluster_subset``, a view of the chosen rows, and its
+    seeding draws at most KMEANSPP_POINTS_PER_CENTROID * k of them, so what reaches the
+    caller is O(k d) whatever the data's size."""
     for step in range(steps):
         subset = data.cluster_subset(centroids, per_cluster, strategy, params.seed + step)
         if subset.count() < params.k:
             break  # fewer sampled rows than clusters: nothing left to refine
         stepped = replace(params, seed=params.seed + 1000 + step)
-        centroids = fit(subset, stepped, init_state(subset, stepped)[0]).centroids
+        seeds = init_state(subset, stepped, max_sample=KMEANSPP_POINTS_PER_CENTROID * params.k)
+        centroids = fit(subset, stepped, seeds[0]).centroids
     return centroids
 
 

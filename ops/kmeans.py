@@ -157,16 +157,23 @@ def minibatch_update(
 
 
 def init_state(
-    data: ShardedData, params: KMeansParams, init_centroids: np.ndarray | None = None
+    data: ShardedData,
+    params: KMeansParams,
+    init_centroids: np.ndarray | None = None,
+    max_sample: int | None = None,
 ) -> tuple[KMeansState, str]:
-    """Seed the fit from a sample of ``data`` (or given centroids). Returns (state, init)."""
+    """Seed the fit from a sample of ``data`` (or given centroids). Returns (state, init).
+
+    ``max_sample`` caps the rows the seeding draws (``ops.init.init_sample_size`` else).
+    """
     if init_centroids is not None:
         centroids, init = np.ascontiguousarray(init_centroids, dtype=np.float32), "given"
         if params.spherical:
             centroids = normalize_rows(centroids)
     else:
         init = resolve_init(params.init, params.k)
-        sample = data.sample(init_sample_size(init, params.k, data.count()), params.seed)
+        size = init_sample_size(init, params.k, data.count())
+        sample = data.sample(min(size, max_sample or size), params.seed)
         centroids = seed_centroids(sample, params.k, init, rng_for(params.seed, 0))
     weights = np.zeros(params.k) if params.algorithm == "minibatch" else None
     return KMeansState(centroids, weight_sums=weights), init

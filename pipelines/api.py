@@ -20,7 +20,7 @@ from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
 from pseudolabel.ops.kmeans import IterationRecord, KMeansState, fit, init_state
 from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowBlock, proportions, sinkhorn
-from pseudolabel.pipelines.config import RunConfig, build
+from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError
 
 log = logging.getLogger("pseudolabel")
@@ -51,7 +51,11 @@ def run(input: str, output: str, k: int, **options: Any) -> RunResult:
     ``topk=5``, ``workers=4``, ``storage_options={...}``, ...). A committed output is
     returned as it is unless ``overwrite=True``.
     """
-    return run_config(build(input=input, output=output, k=k, **options))
+    try:
+        config = RunConfig(input=input, output=output, k=k, **options)
+    except TypeError as e:  # an option that is no flag of `pseudolabel run`
+        raise ConfigError(str(e)) from None
+    return run_config(config.validate())
 
 
 def run_config(config: RunConfig) -> RunResult:
@@ -95,6 +99,7 @@ def label(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     batch_rows: int = 65536,
+    storage_options: dict | None = None,
 ) -> Any:
     """A lazy ``ray.data.Dataset``: ``dataset``'s rows with ``label`` (int32) and
     ``distance`` (float32, squared L2 to the label's centroid) added, every other
@@ -103,8 +108,12 @@ def label(
     ``centroids`` (k, d), or the URL of a ``centroids.npy``. ``topk`` > 1 adds
     ``topk_labels`` and ``topk_distances`` (the M nearest, best first). With ``duals``
     (a run's ``duals.npy``: log v) and that run's ``epsilon``, ``label`` is the balanced
-    label argmax_j S_ij / eps + log v_j and ``nearest_label`` the nearest centroid.
+    label argmax_j S_ij / eps + log v_j and ``nearest_label`` the nearest centroid;
+    ``epsilon`` is the plan's absolute eps (``KMeans.epsilon_``, or a run's
+    ``manifest["balance"]["epsilon"]``), not the relative ``--epsilon`` of the run.
     ``spherical``: rows are unit-normalised and distances are between unit vectors.
+    ``workers`` labeler actors (default: one per CPU less one for reads, or one per
+    ``gpus_per_worker`` GPUs); ``storage_options`` reach fsspec for URLs.
     """
     import ray
 
@@ -116,7 +125,9 @@ def label(
     if duals is not None and not epsilon:
         raise ConfigError("duals need the epsilon of the plan they came from (epsilon=...)")
     column, _, _ = dataset_layout(dataset, embedding_column)
-    cpus = ray.cluster_resources().get("CPU", 1)
+    source = _centroid_source(centroids)
+    if not isinstance(source, str) and topk > len(source):
+        raise ConfigError(f"topk {topk} exceeds the {len(source)} centroids")
     spec = LabelSpec(
         metric="ip" if spherical else "l2",
         topk=topk if topk > 1 else 0,
@@ -125,9 +136,20 @@ def label(
         duals=duals,
         epsilon=epsilon if duals is not None else None,
     )
-    size = workers or max(1, int(max(cpus - 1, 1) // cpus_per_worker))
+    size = workers or label_pool_size(ray.cluster_resources(), cpus_per_worker, gpus_per_worker)
     pool = LabelPool(size, cpus_per_worker, gpus_per_worker, batch_rows)
-    return label_dataset(dataset, _centroid_source(centroids), spec, pool)
+    return label_dataset(dataset, source, spec, pool, storage_options)
+
+
+def label_pool_size(resources: dict, cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """Labelers the cluster can hold: one per GPU slot when GPUs are asked for (a CPU
+    count would ask for actors that never start), else one per CPU slot with one CPU
+    left for Ray Data's read tasks."""
+    if gpus_per_worker > 0:
+        slots = resources.get("GPU", 0) // gpus_per_worker
+    else:
+        slots = max(resources.get("CPU", 1) - 1, 1) // cpus_per_worker
+    return max(1, int(slots))
 
 
 def _centroid_source(centroids: np.ndarray | str) -> np.ndarray | str:
@@ -144,8 +166,9 @@ class KMeans:
 
     ``fit(X)`` takes a numpy array (fitted in this process: no Ray), a
     ``ray.data.Dataset`` with an embedding column, or a URL of parquet or .npy shards (as
-    ``pseudolabel run`` reads them). On a Dataset or a URL the rows are fitted on
-    ShardWorker actors, exactly as ``pseudolabel run`` fits them; an embedded local Ray
+    ``pseudolabel run`` reads them). On a Dataset or a URL the rows are fitted on worker
+    actors (ShardWorkers that hold them, or StreamWorkers for mini-batch), exactly as
+    ``pseudolabel run`` fits them; an embedded local Ray
     is started for a URL when none is running.
 
     Parameters mirror the command line: ``n_clusters`` (--k), ``algorithm``,
@@ -156,9 +179,10 @@ class KMeans:
 
     Fitted attributes: ``cluster_centers_`` (k, d) float32, ``inertia_`` (sum of squared
     distances of the rows to their nearest fitted centre; for mini-batch on a Dataset or
-    URL, of the last epoch's batches before each update), ``n_iter_``, ``history_``
-    (one record per iteration) and, when balanced, ``duals_`` (log v, (k,)) and
-    ``epsilon_``.
+    URL, which is streamed, of the last epoch's batches before each update),
+    ``n_iter_``, ``history_`` (one record per iteration) and, when balanced, ``duals_``
+    (log v, (k,)) and ``epsilon_`` (the plan's absolute eps). ``storage_options`` reach
+    fsspec when X is a URL.
     """
 
     def __init__(
@@ -178,6 +202,7 @@ class KMeans:
         batch_rows: int = 16384,
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0,
+        storage_options: dict | None = None,
     ):
         self.n_clusters = n_clusters
         self.algorithm = algorithm
@@ -193,6 +218,7 @@ class KMeans:
         self.batch_rows = batch_rows
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
+        self.storage_options = storage_options
 
     def _config(self, input: str = "") -> RunConfig:
         """These parameters as run settings (the one config source)."""
@@ -213,6 +239,7 @@ class KMeans:
             batch_rows=self.batch_rows,
             cpus_per_worker=self.cpus_per_worker,
             gpus_per_worker=self.gpus_per_worker,
+            storage_options=dict(self.storage_options or {}),
         )
         return config.validate(paths=False)
 
@@ -250,6 +277,9 @@ class KMeans:
                 epsilon=self.epsilon_,
                 spherical=self.spherical,
                 embedding_column=self.embedding_column,
+                workers=self.workers,
+                cpus_per_worker=self.cpus_per_worker,
+                gpus_per_worker=self.gpus_per_worker,
             )
         raise TypeError(f"predict takes a numpy array or a ray.data.Dataset, got {type(X)}")
 
@@ -287,7 +317,7 @@ class KMeans:
         from pseudolabel.pipelines.io.plan import make_plan
         from pseudolabel.pipelines.runtime.session import ray_session
 
-        plan = make_plan(url, config.read_settings())
+        plan = make_plan(config.input, config.read_settings())  # {date} filled in
         if self.n_clusters > plan.total_rows:
             raise InputError(f"n_clusters {self.n_clusters} exceeds the {plan.total_rows} rows")
         with ray_session(config) as resources:
@@ -303,6 +333,8 @@ class KMeans:
         self._fit_on_workers(config, ray.cluster_resources(), dataset=(dataset, dim, value_type))
 
     def _fit_on_workers(self, config: RunConfig, resources: dict, plan=None, dataset=None):
+        if self.balanced and config.algorithm != "lloyd":
+            raise ConfigError("balanced=True on a Dataset or URL needs algorithm='lloyd'")
         from pseudolabel.pipelines.runtime.actors import WorkerSpec
         from pseudolabel.pipelines.runtime.session import size_pools
         from pseudolabel.pipelines.runtime.shards import ResidentShards
@@ -317,9 +349,7 @@ class KMeans:
             data = start_workers(config, plan, config.read_settings(plan), spec, sizing.workers)
         else:
             ds, dim, value_type = dataset
-            settings = dataclasses.replace(config.read_settings(), dim=dim)
-            if value_type == "float16" and config.dtype == "auto":
-                settings = dataclasses.replace(settings, dtype="float16")
+            settings = config.read_settings(dim=dim, value_type=value_type)
             if config.algorithm == "minibatch":
                 data = StreamingShards(
                     ds, config.embedding_column, dim, ds.count(), spec, sizing.workers
@@ -335,8 +365,6 @@ class KMeans:
             self._set_fitted(state, data)
             self.duals_ = self.epsilon_ = None
             if self.balanced:
-                if not isinstance(data, ResidentShards):
-                    raise ConfigError("balanced=True needs algorithm='lloyd' on a Dataset or URL")
                 q = proportions(self.n_clusters)
                 result, _ = run_balance(config, data, self.cluster_centers_, q)
                 self.duals_, self.epsilon_ = result.log_duals, result.epsilon
@@ -358,9 +386,9 @@ class KMeans:
         self.cluster_centers_ = state.centroids
         self.n_iter_ = state.iteration
         self.history_: list[IterationRecord] = state.history
-        if self.algorithm == "lloyd":  # the objective of the final centres: one more pass
+        try:  # the objective of the final centres: one more pass over the rows
             self.inertia_ = float(data.partial_stats(state.centroids).inertia)
-        else:
+        except TypeError:  # a stream has no full pass: the last epoch's batches
             self.inertia_ = float(state.history[-1].inertia)
 
     def _check_fitted(self) -> None:

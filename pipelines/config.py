@@ -213,18 +213,21 @@ class RunConfig:
             init=self.init,
         )
 
-    def read_settings(self, plan: Plan | None = None) -> ReadSettings:
-        """What the readers need; with a plan, its dim and the in-memory dtype ("auto":
-        float16 rows stay float16)."""
+    def read_settings(
+        self, plan: Plan | None = None, dim: int = 0, value_type: str = "float32"
+    ) -> ReadSettings:
+        """What the readers need; the dim and stored value type come from a plan (or are
+        given, for a Dataset). dtype "auto": float16 rows stay float16."""
+        if plan is not None:
+            dim, value_type = plan.dim, plan.value_type
         dtype = self.dtype
         if dtype == "auto":
-            stored = plan.value_type if plan is not None else "float32"
-            dtype = "float16" if stored == "float16" else "float32"
+            dtype = "float16" if value_type == "float16" else "float32"
         return ReadSettings(
             id_column=self.id_column,
             embedding_column=self.embedding_column,
             extra_columns=(self.truth_column,) if self.truth_column else (),
-            dim=plan.dim if plan else 0,
+            dim=dim,
             dtype=dtype,
             on_bad_rows=self.on_bad_rows,
             unit_norm=self.spherical,

@@ -12,18 +12,40 @@ or storage in ``pseudolabel.pipelines``.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 from importlib import metadata
 
-# In a source tree (a checkout, or `ray job submit --working-dir .`), ops/ and pipelines/
-# stand beside this folder rather than inside it: find pseudolabel.ops and
-# pseudolabel.pipelines there. An installed package holds them inside and skips this.
+_ROOMS = {"pseudolabel.ops": "ops", "pseudolabel.pipelines": "pipelines"}
+
+
+class _SourceTree(importlib.abc.MetaPathFinder):
+    """In a source tree that was never installed (a checkout on ``sys.path``, or
+    ``ray job submit --working-dir .``), ops/ and pipelines/ stand beside this folder:
+    import them as pseudolabel.ops and pseudolabel.pipelines from there, and nothing
+    else. Installed (a wheel, or ``pip install -e``), the package's own mapping answers
+    first and this finder is never asked."""
+
+    def __init__(self, top: str):
+        self.top = top
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _ROOMS:
+            return None
+        folder = os.path.join(self.top, _ROOMS[name])
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
+
+
 _here = os.path.dirname(os.path.abspath(__file__))
 _top = os.path.dirname(_here)
 if not os.path.isdir(os.path.join(_here, "ops")) and os.path.isfile(
     os.path.join(_top, "ops", "__init__.py")
 ):
-    __path__.append(_top)
+    sys.meta_path.append(_SourceTree(_top))
 
 # The API loads on first use (PEP 562): ``import pseudolabel.ops.gpu`` on a machine with
 # torch alone (no Ray, no faiss, no pyarrow) must not pull in the pipelines.

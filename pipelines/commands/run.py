@@ -199,7 +199,7 @@ def _manifest(
     if config.truth_column:
         metrics["truth"] = {c: scores(n.truth_table()) for c, n in counts.items()}
     skipped_section = {
-        "total": plan.total_rows - label.rows,
+        "total": sum(skipped.values()),  # = input - output: check_rows held before publish
         "by_reason": skipped,
         "files": plan.skipped_files,  # whole files left out at planning (rows: if known)
     }

@@ -373,7 +373,6 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
     """Re-embed with the head, re-cluster with the same run settings, retrain; NMI
     between the labels of consecutive rounds tracks how far the clustering moves."""
     from pseudolabel.pipelines.commands.run import run
-    from pseudolabel.pipelines.config import build
 
     out = resolve(cfg.output, cfg.storage_options)
     truth = (cfg.truth_column,) if cfg.truth_column else ()
@@ -389,22 +388,7 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
             compute=ray.data.ActorPoolStrategy(size=1),
         ).write_parquet(features.path, filesystem=features.arrow_fs())
         run_url = out.join("rounds", str(r), "run").url
-        previous = manifest["config"]
-        run(
-            build(
-                k=k,
-                input=features.url,
-                output=run_url,
-                balanced=previous["balanced"],
-                truth_column=cfg.truth_column,
-                seed=cfg.seed + r,
-                workers=previous.get("workers"),
-                cpus_per_worker=previous["cpus_per_worker"],
-                label_workers=previous.get("label_workers"),
-                storage_options=cfg.storage_options,
-                overwrite=True,
-            )
-        )
+        run(_round_config(manifest["config"], cfg, features.url, run_url, r))
         agreement = nmi(_contingency(previous_url, run_url, cfg.storage_options))
         joined, _ = joined_dataset(
             cfg, run_url, [cfg.label_column] + ([cfg.truth_column] if cfg.truth_column else [])
@@ -426,6 +410,26 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
         log.info("round %d: NMI to the previous labels %.4f", r, agreement)
         previous_url = run_url
     return rounds
+
+
+def _round_config(previous: dict, cfg: TrainConfig, input_url: str, output_url: str, r: int):
+    """The first run's settings (from its manifest) for round r's re-embedded rows."""
+    from pseudolabel.pipelines.config import RunConfig, fields
+
+    values = {f.name: previous[f.name] for f in fields(RunConfig) if f.name in previous}
+    values.update(
+        input=input_url,
+        output=output_url,
+        seed=cfg.seed + r,
+        truth_column=cfg.truth_column,
+        id_column="id",  # the features are written with the run's id column as "id"
+        embedding_column="embedding",
+        init_centroids=None,
+        previous_run=None,
+        storage_options=cfg.storage_options,  # the manifest holds them redacted
+        overwrite=True,
+    )
+    return RunConfig(**values).validate()
 
 
 def _contingency(a_url: str, b_url: str, options: dict) -> np.ndarray:

@@ -72,6 +72,8 @@ def _reader(unit: Shard, settings: ReadSettings, with_ids: bool, ledger):
     def read() -> Iterator[pa.Table]:
         for batch in iter_batches(unit, settings, with_ids=with_ids):
             report_skips(ledger, batch)
+            if not len(batch.x):  # all skipped: an empty table's id type could clash
+                continue
             columns = {"embedding": ArrowTensorArray.from_numpy(batch.x)}
             if with_ids:
                 columns = {"id": batch.ids, **columns, **batch.extra}

@@ -4,6 +4,7 @@
     centroids.npy      (k, d) float32, no pickle
     duals.npy          with --balanced: (k,) log-duals of the Sinkhorn plan
     manifest.json
+    report.html        the run at a glance (``pipelines.commands.report``)
     _SUCCESS           written last: nothing is done before it exists (invariant 5)
     _checkpoints/      ckpt-NNNNNN.npz: iteration state for resuming, kept after success
                        (``pipelines.io.checkpoints``)

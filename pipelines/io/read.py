@@ -40,15 +40,14 @@ ZERO_ROW = "all-zero embedding (spherical)"
 
 @dataclass
 class Batch:
-    """Validated rows of one block. ``rows`` are global row numbers; ``covered`` counts
-    the file rows the block accounts for, kept or skipped."""
+    """Validated rows of one block. ``rows`` are global row numbers; ``block`` is the
+    block's key in the skip ledger."""
 
     x: np.ndarray  # (n, d)
     rows: np.ndarray  # (n,) int64
     ids: pa.Array | None
     extra: dict[str, pa.Array]
     skipped: Counter
-    covered: int = 0
     block: BlockKey = ("", 0)
 
 
@@ -98,7 +97,6 @@ def _unreadable(file: FileInfo, settings: ReadSettings, start: int, rows: int, p
         pa.array([], pa.int64()),
         {},
         Counter({problem.split(" (")[0]: rows}),
-        rows,
         (file.url, start),
     )
 
@@ -142,9 +140,7 @@ def _npy_blocks(loc: Location, shard: Shard, settings: ReadSettings, with_ids: b
                 if len(buf) != n * row_bytes:
                     raise EOFError(f"truncated .npy: rows from {start} are missing")
                 x = np.frombuffer(buf, dtype=dtype).reshape(n, settings.dim)
-                batch = _validated(x, None, {}, shard.file, start, settings)
-                batch.covered = n
-                return batch
+                return _validated(x, None, {}, shard.file, start, settings)
 
             yield start, n, read
 
@@ -179,7 +175,6 @@ def table_to_batch(
     extra = {c: table.column(c).combine_chunks() for c in settings.extra_columns}
     batch = _validated(x, ids, extra, file, row0, settings, kept=np.flatnonzero(~broken))
     batch.skipped.update({k: int(v.sum()) for k, v in bad.items() if v.any()})
-    batch.covered = len(broken)
     return batch
 
 

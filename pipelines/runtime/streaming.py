@@ -17,8 +17,9 @@ from pseudolabel.pipelines.runtime.workers import StreamWorker
 class StreamingShards:
     """A Ray Dataset split over ``workers`` actors (``Dataset.streaming_split``).
 
-    ``rows`` is the Dataset's row count (known from the plan or the Dataset itself).
-    Validation, and skip counts, happen in the Dataset's read tasks.
+    ``rows`` is the Dataset's row count (known from the plan or the Dataset itself). A
+    plan's read tasks validate and count skips; a user's Dataset is checked by the
+    workers (``StreamWorker._check``), which refuse bad rows.
     """
 
     def __init__(

@@ -57,11 +57,11 @@ def start_workers(
     """Resident workers that load the planned files (Lloyd), or stream workers over a
     Ray Data read of them (mini-batch)."""
     if config.algorithm == "minibatch":
-        # Small read tasks in a seeded random order: batches mix many files early on.
+        # Small read tasks in a seeded random order: batches mix many files early on. Ids
+        # are read too, so the fit skips the rows (null or non-UTF-8 ids) the label skips.
         dataset = embedding_dataset(
             plan,
             settings,
-            with_ids=False,
             shuffle_seed=config.seed,
             rows_per_task=4 * spec.batch_rows,
             ledger=ledger,

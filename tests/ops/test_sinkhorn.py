@@ -146,7 +146,7 @@ def test_spherical_scores():
     assert np.abs(sizes / 600 - 1).max() <= 0.10
 
 
-def test_blocked_column_sums_are_float64_accurate():
+def test_blocked_column_sums_meet_the_float32_partial_sum_bound():
     """Each 16-row partial sum is a float32 dot product, then the partials add in float64.
 
     For non-negative terms a float32 sum of 16 products is off by at most

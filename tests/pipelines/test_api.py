@@ -171,3 +171,24 @@ def test_run_returns_what_the_output_holds(ray_local, small_dataset, tmp_path):
     assert result.paths["labels"] == str(tmp_path / "out" / "labels")
     with pytest.raises(pseudolabel.ConfigError, match="--k must be at least 1"):
         pseudolabel.run(str(root), str(tmp_path / "o2"), k=0)
+
+
+def test_label_pool_follows_gpus_when_asked_for():
+    from pseudolabel.pipelines.api import label_pool_size
+
+    assert label_pool_size({"CPU": 16, "GPU": 1}, 1.0, 1.0) == 1
+    assert label_pool_size({"CPU": 16, "GPU": 4}, 1.0, 0.5) == 8
+    assert label_pool_size({"CPU": 16}, 1.0, 0.0) == 15  # one CPU left for reads
+    assert label_pool_size({"CPU": 2}, 0.5, 0.0) == 2
+
+
+def test_streamed_dataset_with_a_nan_row_is_refused(ray_local):
+    import ray.data
+
+    x, _ = mixture(2000, 8, 4, seed=3)
+    x[1500, 2] = np.nan
+    km = pseudolabel.KMeans(
+        4, algorithm="minibatch", batch_rows=500, workers=2, cpus_per_worker=0.5
+    )
+    with pytest.raises(pseudolabel.InputError, match="ray dataset: NaN or inf in column 'data'"):
+        km.fit(ray.data.from_numpy(x))

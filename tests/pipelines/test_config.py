@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import config as cfg
+from pseudolabel.pipelines import config as cfg
 from pseudolabel.pipelines.cli import build_parser, config_from_args
 from pseudolabel.pipelines.errors import ConfigError
 

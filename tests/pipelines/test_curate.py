@@ -72,11 +72,12 @@ def test_curate(ray_local, long_tail, tmp_path, strategy):
     )
     # Which tail components get a level-1 centroid varies with the seed and with float
     # rounding (the sums of 1 worker or 2 differ in the last bits, and k-means is
-    # chaotic): over 20 seeds of this data the selection's entropy over the true
-    # classes was 0.70-0.87 against 0.635 for a uniform sample, and its largest class
-    # 427-647 rows against 852. The bounds hold for the worst of them.
-    assert curated["entropy"] > uniform["entropy"] + 0.05
-    assert curated["max"] < 0.8 * uniform["max"]
+    # chaotic): over 12 seeds of this data, in process with the same loop, the
+    # selection's entropy over the true classes was 0.68-0.88 against 0.63 for a uniform
+    # sample, and its largest class 239-753 rows against 852. The bounds hold for the
+    # worst of them; a uniform selection fails both.
+    assert curated["entropy"] > uniform["entropy"] + 0.04
+    assert curated["max"] < 0.9 * uniform["max"]
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == {"input": 20_000, "selected": 2000, "requested": 2000}

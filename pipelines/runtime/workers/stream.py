@@ -13,6 +13,7 @@ import ray
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.stats import PartialStats, partial_stats
+from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.session import limit_threads
 
@@ -56,7 +57,22 @@ class StreamWorker:
         x = np.asarray(batch[self.column])
         if x.dtype == object:  # a list column arrives as an array of arrays
             x = np.stack(x)
+        self._check(x)
         return normalize_rows(x) if self.spec.metric == "ip" else x
+
+    def _check(self, x: np.ndarray) -> None:
+        """Rows from a user's Dataset reach here unvalidated (a plan's read tasks have
+        already refused or skipped bad rows, and pass this check)."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"ray dataset: column {self.column!r} has rows of shape "
+                             f"{x.shape[1:]}, expected ({self.dim},)")  # fmt: skip
+        if not np.isfinite(x.sum(axis=1, dtype=np.float64)).all():
+            raise InputError(f"ray dataset: NaN or inf in column {self.column!r}")
+        if self.spec.metric == "ip" and not np.any(x != 0, axis=1).all():
+            raise InputError(
+                f"ray dataset: an all-zero row in column {self.column!r} cannot be "
+                "unit-normalised for spherical k-means"
+            )
 
     def stream_sample(self, n: int, seed: int) -> np.ndarray:
         """A uniform sample of n rows from the first batches of epoch 0, which are kept
