@@ -45,6 +45,9 @@ OMEGA = 1.8
 ABSORB_LOG = 30.0  # absorb v into beta once |log v| exceeds this
 UNDERFLOW = -80.0  # kernel entries below e^-80 are set to zero, not left denormal
 DEFAULT_EPSILON = 0.005  # relative to the standard deviation of the scores
+# The potential of a column with target 0: finite (JSON, float32), and far enough below
+# any score that the column is never a row's label and its kernel entries underflow to 0.
+EXCLUDED = -1e30
 
 
 class RowShards(Protocol):
@@ -179,18 +182,25 @@ def sinkhorn(
     tol: float = 1e-3,
     max_iterations: int = 5000,
     on_stage: Callable[[dict], None] | None = None,
+    beta0: np.ndarray | None = None,
 ) -> SinkhornResult:
     """Column potentials of the balanced plan for target proportions q (k,), sum 1.
 
     ``epsilon`` is relative to the standard deviation of the scores, so one default fits
     data of any scale. Stops when the L1 error of the column marginals is below ``tol``
-    at the final eps, or after ``max_iterations`` steps in all.
+    at the final eps, or after ``max_iterations`` steps in all. ``beta0`` (score units,
+    e.g. last night's potentials) is a warm start: the solve then runs at the final eps
+    only, from there, instead of annealing from the score scale.
     """
     q = np.asarray(q, np.float64)
     count, total, squares = rows.score_moments()
     scale = float(np.sqrt(max(squares / count - (total / count) ** 2, 0.0))) or 1.0
     schedule = epsilon_schedule(scale, epsilon * scale)
     beta = np.zeros(len(q))
+    if beta0 is not None:
+        schedule, beta = schedule[-1:], np.array(beta0, np.float64)
+    excluded = q <= 0  # a zero target: the column never wins a row, and v stays 1 there
+    beta[excluded] = EXCLUDED
     steps, err = 0, np.inf
     stages = []
     for eps in schedule:
@@ -208,6 +218,7 @@ def sinkhorn(
             previous = err
             with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
                 v = v ** (1.0 - omega) * (q / col) ** omega
+            v[excluded] = 1.0
             logv = np.log(np.where(np.isfinite(v) & (v > 0), v, np.exp(2 * ABSORB_LOG)))
             if np.abs(logv).max() > ABSORB_LOG:  # keep the linear domain in range
                 beta += eps * logv

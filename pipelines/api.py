@@ -18,8 +18,10 @@ import numpy as np
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
+from pseudolabel.ops.hard_balance import BoundaryBlock, balanced_duals
 from pseudolabel.ops.kmeans import IterationRecord, KMeansState, fit, init_state
-from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowBlock, proportions, sinkhorn
+from pseudolabel.ops.sampling import row_keys
+from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowBlock, proportions
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError
 
@@ -173,8 +175,9 @@ class KMeans:
 
     Parameters mirror the command line: ``n_clusters`` (--k), ``algorithm``,
     ``max_iter`` (--iterations), ``tol``, ``spherical``, ``init`` ("auto", "kmeans++",
-    "random"), ``seed``, ``workers``; ``balanced`` also solves the Sinkhorn-Knopp
-    equipartition after the fit, so ``predict`` gives balanced labels. ``init`` may also be
+    "random"), ``seed``, ``workers``; ``balanced`` also solves for duals after the fit
+    (Sinkhorn-Knopp on a sample, then size corrections on every row), so ``predict``
+    gives labels of equal cluster sizes on the fitted rows (within 1%). ``init`` may also be
     a (k, d) array of initial centroids, as in scikit-learn.
 
     Fitted attributes: ``cluster_centers_`` (k, d) float32, ``inertia_`` (sum of squared
@@ -303,13 +306,21 @@ class KMeans:
         self._set_fitted(fit(data, params, state), data)
         self.duals_ = self.epsilon_ = None
         if self.balanced:
-            rows = RowBlock(data.x, self.cluster_centers_, self._metric, len(x))
-            result = sinkhorn(
-                rows,
+            c, n = self.cluster_centers_, len(x)
+            sample = data.x
+            if config.balance_sample and config.balance_sample * self.n_clusters < n:
+                fraction = config.balance_sample * self.n_clusters / n
+                sample = data.x[row_keys(np.arange(n), config.seed) < fraction]
+            result = balanced_duals(
+                RowBlock(sample, c, self._metric, len(sample)),
+                BoundaryBlock(data.x, c, self._metric),
                 proportions(self.n_clusters),
+                n,
                 epsilon=config.epsilon,
-                tol=config.sinkhorn_tol,
-                max_iterations=config.sinkhorn_iterations,
+                sinkhorn_tol=config.sinkhorn_tol,
+                sinkhorn_iterations=config.sinkhorn_iterations,
+                tol=config.balance_tol,
+                max_passes=config.balance_passes,
             )
             self.duals_, self.epsilon_ = result.log_duals, result.epsilon
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from pseudolabel.ops.dataset import STRATEGIES
+from pseudolabel.ops.hard_balance import DEFAULT_TOL
 from pseudolabel.ops.kmeans import ALGORITHMS, KMeansParams
 from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON
 from pseudolabel.pipelines.errors import ConfigError
@@ -66,12 +67,21 @@ class RunConfig:
     )
     seed: int = _opt(0, "random seed (same seed, data and workers: same result)", metavar="S")
     spherical: bool = _opt(False, "cosine k-means: unit-normalise rows and centroids")
-    balanced: bool = _opt(False, "balanced labels: Sinkhorn-Knopp equipartition (SeLa, SwAV)")
+    balanced: bool = _opt(
+        False, "balanced labels: equal (or --cluster-proportions) sizes (SeLa, SwAV)"
+    )
     epsilon: float = _opt(
         DEFAULT_EPSILON, "Sinkhorn entropy, relative to the std of the scores", metavar="X"
     )
     sinkhorn_iterations: int = _opt(5000, "Sinkhorn steps at most, over all eps stages")
     sinkhorn_tol: float = _opt(1e-3, "Sinkhorn stops at this L1 error of the cluster sizes")
+    balance_sample: int = _opt(
+        64, "Sinkhorn runs on this many rows per cluster (a uniform sample); 0: all rows"
+    )
+    balance_tol: float = _opt(
+        DEFAULT_TOL, "balanced sizes end within this fraction of their targets (>= 1 row)"
+    )
+    balance_passes: int = _opt(30, "passes over the rows at most to correct balanced sizes")
     cluster_proportions: str | None = _opt(
         None,
         "target cluster sizes: .npy or JSON list of k weights (default: equal)",
@@ -158,6 +168,9 @@ class RunConfig:
         _require(self.sinkhorn_iterations >= 1, "--sinkhorn-iterations must be at least 1")
         _require(self.sinkhorn_tol > 0, "--sinkhorn-tol must be > 0")
         _require(self.score_cache_gb >= 0, "--score-cache-gb must be >= 0")
+        _require(self.balance_sample >= 0, "--balance-sample must be >= 0")
+        _require(0 <= self.balance_tol < 1, "--balance-tol must be in [0, 1)")
+        _require(self.balance_passes >= 1, "--balance-passes must be at least 1")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

@@ -33,6 +33,7 @@ from pseudolabel.pipelines.stages.balance import (
     run_balance,
     save_balance,
     target_proportions,
+    warm_duals,
 )
 from pseudolabel.pipelines.stages.fit import FitResult, fingerprint, run_fit
 from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
@@ -137,16 +138,22 @@ def run(config: RunConfig) -> dict[str, Any]:
 
 
 def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger):
-    """Sinkhorn on workers that hold the rows (the fit's, or freshly loaded ones), or the
-    checkpointed solution of the same problem. Returns (result, manifest info)."""
+    """Balanced duals from workers that hold the rows (the fit's, or freshly loaded
+    ones), or the checkpointed solution of the same problem. Returns (result, info)."""
     centroids = fitted.state.centroids
     q = target_proportions(config)
+    warm = warm_duals(config, config.k)
     key = {
         "centroids": hashlib.sha256(centroids.tobytes()).hexdigest(),
         "proportions": hashlib.sha256(q.tobytes()).hexdigest(),
+        "warm": None if warm is None else hashlib.sha256(warm.tobytes()).hexdigest(),
         "epsilon": config.epsilon,
         "tol": config.sinkhorn_tol,
         "iterations": config.sinkhorn_iterations,
+        "sample": config.balance_sample,
+        "seed": config.seed,
+        "size_tol": config.balance_tol,
+        "passes": config.balance_passes,
     }
     ckpt = output.root.join(CHECKPOINTS)
     saved = load_balance(ckpt, key)
@@ -158,7 +165,7 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
         return saved, {"resumed": True}
     data = fitted.data or ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
     try:
-        result, info = run_balance(config, data, centroids, q)
+        result, info = run_balance(config, data, centroids, q, warm)
     finally:
         data.shutdown()
     save_balance(output.root, ckpt, result, key)

@@ -32,9 +32,12 @@ def text_summary(manifest: dict[str, Any], output_url: str) -> str:
         )
     if "balance" in manifest:
         s = manifest["balance"]
+        sink, sizes = s["sinkhorn"], s["sizes"]
         lines.append(
-            f"  sinkhorn   {s['iterations']} steps, cluster-size error {s['marginal_error']:.1e}"
-            f", eps {s['epsilon']:.3g} ({s['epsilon_relative']:g} x score std)"
+            f"  balance    Sinkhorn {sink['iterations']} steps on {s['sample_rows']} rows"
+            f" (eps {s['epsilon']:.3g}, {s['epsilon_relative']:g} x score std), then"
+            f" {sizes['passes']} passes: sizes within {100 * sizes['max_deviation']:.2f}%"
+            f" of target"
         )
     for column, s in metrics.get("truth", {}).items():
         lines.append(

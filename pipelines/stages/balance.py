@@ -1,8 +1,10 @@
-"""The balance stage: Sinkhorn-Knopp over the ShardWorkers, between fit and label.
+"""The balance stage, between fit and label, over the ShardWorkers that hold the rows.
 
-The driver holds the k column potentials; each step sends them (as v) to the workers
-and gets back k column sums per worker. The result's log-duals go to ``duals.npy``
-beside the centroids, and the label pass applies them row by row.
+Sinkhorn-Knopp on a uniform sample of ``--balance-sample`` rows per cluster estimates the
+k column potentials; passes over every row then correct them until the hard labels'
+sizes meet their targets (``ops.hard_balance``). The driver holds k numbers; each step
+sends them to the workers and gets k-vectors back. The result's log-duals go to
+``duals.npy`` beside the centroids, and the label pass applies them row by row.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from pseudolabel.ops.sinkhorn import SinkhornResult, proportions, sinkhorn
+from pseudolabel.ops.hard_balance import BalancedDuals, HardBalance, balanced_duals
+from pseudolabel.ops.sinkhorn import SinkhornResult, proportions
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
-from pseudolabel.pipelines.io.layout import DUALS
+from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, MANIFEST, load_npy
 from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.balance import BalanceShards
 from pseudolabel.pipelines.runtime.shards import ResidentShards
-from pseudolabel.pipelines.runtime.sinkhorn import SinkhornShards
 
 log = logging.getLogger("pseudolabel")
 
@@ -57,11 +60,26 @@ def target_proportions(config: RunConfig) -> np.ndarray:
 
 
 def run_balance(
-    config: RunConfig, data: ResidentShards, centroids: np.ndarray, q: np.ndarray
-) -> tuple[SinkhornResult, dict]:
+    config: RunConfig,
+    data: ResidentShards,
+    centroids: np.ndarray,
+    q: np.ndarray,
+    warm: np.ndarray | None = None,
+) -> tuple[BalancedDuals, dict]:
     """Solve for the column potentials on the workers that hold the rows."""
     t0 = time.perf_counter()
-    rows = SinkhornShards(data, centroids, config.score_cache_gb * 2**30)
+    n = data.count()
+    sample = config.balance_sample * config.k
+    fraction = 1.0 if not sample or sample >= n else sample / n
+    shards = BalanceShards(
+        data, centroids, config.score_cache_gb * 2**30, fraction, seed=config.seed
+    )
+    log.info(
+        "balance: Sinkhorn on %s of %d rows%s, then size corrections on all rows",
+        f"a sample of {shards.sample_rows}" if fraction < 1 else "all",
+        n,
+        ", warm-started from the previous run's duals" if warm is not None else "",
+    )
 
     def on_stage(record: dict) -> None:
         log.info(
@@ -71,73 +89,144 @@ def run_balance(
             record["marginal_error"],
         )
 
+    def on_pass(record: dict) -> None:
+        log.info(
+            "balance: pass %2d  sizes off target by %d rows in all, %d at most%s",
+            record["pass"],
+            record["l1_rows"],
+            record["max_rows"],
+            "" if record["accepted"] else " (step not taken)",
+        )
+
     try:
-        result = sinkhorn(
-            rows,
+        result = balanced_duals(
+            shards,
+            shards,
             q,
+            n,
             epsilon=config.epsilon,
-            tol=config.sinkhorn_tol,
-            max_iterations=config.sinkhorn_iterations,
+            sinkhorn_tol=config.sinkhorn_tol,
+            sinkhorn_iterations=config.sinkhorn_iterations,
+            tol=config.balance_tol,
+            max_passes=config.balance_passes,
+            warm=warm,
             on_stage=on_stage,
+            on_pass=on_pass,
         )
     finally:
-        rows.release()
-    if not result.converged:
+        shards.release()
+    if not result.sinkhorn.converged:
         log.warning(
-            "balance: stopped after %d steps with cluster-size error %.2e above --sinkhorn-tol"
-            " %g; raise --sinkhorn-iterations or --epsilon",
-            result.iterations,
-            result.marginal_error,
+            "balance: Sinkhorn stopped after %d steps with cluster-size error %.2e above "
+            "--sinkhorn-tol %g; the size corrections start from there",
+            result.sinkhorn.iterations,
+            result.sinkhorn.marginal_error,
             config.sinkhorn_tol,
         )
+    sizes = result.sizes
+    if not sizes.converged:
+        log.warning(
+            "balance: after %d passes a cluster is still %.1f%% off its target size "
+            "(--balance-tol %g); raise --balance-passes, or check for duplicate rows",
+            sizes.passes,
+            100 * sizes.max_deviation,
+            config.balance_tol,
+        )
     info = {
-        "score_cache": rows.cached,
+        "sample_rows": shards.sample_rows,
+        "score_cache": shards.cached,
+        "warm_start": warm is not None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     log.info(
-        "balance: %d steps in %.1f s, cluster-size error %.2e (scores %s)",
-        result.iterations,
+        "balance: %d Sinkhorn steps and %d passes in %.1f s; sizes within %.2f%% of target",
+        result.sinkhorn.iterations,
+        sizes.passes,
         info["seconds"],
-        result.marginal_error,
-        "cached" if all(rows.cached) else "recomputed per step on some workers",
+        100 * sizes.max_deviation,
     )
     return result, info
 
 
-def save_balance(root: Location, checkpoints: Location, result: SinkhornResult, key: dict) -> None:
+def warm_duals(config: RunConfig, k: int) -> np.ndarray | None:
+    """Last night's potentials (score units) when ``--init-centroids`` names a balanced
+    run's centroids.npy, with its duals.npy and manifest beside it; else None."""
+    url = config.init_centroids
+    if not url or not url.rstrip("/").endswith(CENTROIDS):
+        return None
+    root = resolve(url.rstrip("/")[: -len(CENTROIDS)].rstrip("/"), config.storage_options)
+    try:
+        manifest = json.loads(root.join(MANIFEST).read_bytes())
+        log_duals = load_npy(root.join(DUALS))
+        epsilon = float(manifest["balance"]["epsilon"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None
+    if log_duals.shape != (k,) or not np.isfinite(log_duals).all():
+        return None
+    return log_duals.astype(np.float64) * epsilon
+
+
+def save_balance(root: Location, checkpoints: Location, result: BalancedDuals, key: dict) -> None:
     """duals.npy beside the centroids, and the rest in _checkpoints/ for a rerun."""
     buf = io.BytesIO()
     np.save(buf, result.log_duals, allow_pickle=False)
     root.join(DUALS).write_bytes(buf.getvalue())
-    doc = {"key": key, **asdict(result), "beta": result.beta.tolist()}
+    doc = {
+        "key": key,
+        "beta": result.beta.tolist(),
+        "epsilon": result.epsilon,
+        "sinkhorn": {**asdict(result.sinkhorn), "beta": result.sinkhorn.beta.tolist()},
+        "sizes": {
+            **asdict(result.sizes),
+            **{f: getattr(result.sizes, f).tolist() for f in ("g", "counts", "targets")},
+        },
+    }
     checkpoints.join(BALANCE_STATE).write_bytes(json.dumps(doc).encode())
 
 
-def load_balance(checkpoints: Location, key: dict) -> SinkhornResult | None:
+def load_balance(checkpoints: Location, key: dict) -> BalancedDuals | None:
     """The saved result of this very balance problem, or None."""
     loc = checkpoints.join(BALANCE_STATE)
     if not loc.exists():
         return None
     try:
         doc = json.loads(loc.read_bytes())
-    except ValueError:
+        if doc.get("key") != key:
+            return None
+        sink, sizes = doc["sinkhorn"], doc["sizes"]
+        sink["beta"] = np.asarray(sink["beta"], np.float64)
+        for f in ("g", "counts", "targets"):
+            sizes[f] = np.asarray(sizes[f], np.float64 if f == "g" else np.int64)
+        return BalancedDuals(
+            np.asarray(doc["beta"], np.float64),
+            float(doc["epsilon"]),
+            SinkhornResult(**sink),
+            HardBalance(**sizes),
+        )
+    except (ValueError, KeyError, TypeError):
         return None
-    if doc.get("key") != key:
-        return None
-    doc.pop("key")
-    doc["beta"] = np.asarray(doc["beta"], np.float64)
-    return SinkhornResult(**doc)
 
 
-def manifest_section(config: RunConfig, result: SinkhornResult, info: dict) -> dict:
+def manifest_section(config: RunConfig, result: BalancedDuals, info: dict) -> dict:
+    sink, sizes = result.sinkhorn, result.sizes
     return {
         "epsilon_relative": config.epsilon,
         "epsilon": result.epsilon,
-        "iterations": result.iterations,
-        "marginal_error": result.marginal_error,
-        "converged": result.converged,
-        "tol": config.sinkhorn_tol,
         "target": config.cluster_proportions or "uniform",
-        "stages": result.stages,
+        "converged": sizes.converged,
+        "sinkhorn": {
+            "iterations": sink.iterations,
+            "marginal_error": sink.marginal_error,
+            "converged": sink.converged,
+            "tol": config.sinkhorn_tol,
+            "stages": sink.stages,
+        },
+        "sizes": {
+            "passes": sizes.passes,
+            "converged": sizes.converged,
+            "max_deviation": sizes.max_deviation,
+            "tol": config.balance_tol,
+            "history": sizes.history,
+        },
         **info,
     }

@@ -1,5 +1,6 @@
-"""Balanced labels on Ray: the distributed Sinkhorn equals the in-process one, the label
-pass applies its duals row by row, and the contract's columns are written."""
+"""Balanced labels on Ray: the distributed solve equals the in-process one, the label
+pass applies its duals row by row, sizes meet their targets, and the contract's columns
+are written."""
 
 import json
 
@@ -7,13 +8,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pseudolabel.ops.hard_balance import BoundaryBlock, balanced_duals, integer_targets
+from pseudolabel.ops.sampling import row_keys
 from pseudolabel.ops.sinkhorn import RowBlock, proportions, sinkhorn
 from pseudolabel.pipelines.commands.run import run
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.balance import BalanceShards
 from pseudolabel.pipelines.runtime.shards import ResidentShards
-from pseudolabel.pipelines.runtime.sinkhorn import SinkhornShards
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
 from tests.data import mixture, write_parquet_shards
@@ -43,10 +46,10 @@ def test_distributed_sinkhorn_equals_single_process(ray_local, dominant):
         plan, ReadSettings(dim=plan.dim), WorkerSpec("l2", num_cpus=0.5), 4
     )
     try:
-        rows = SinkhornShards(data, centroids, cache_bytes=2**30)
+        rows = BalanceShards(data, centroids, cache_bytes=2**30)
         got = sinkhorn(rows, proportions(K))
         assert rows.cached == [True] * 4
-        uncached = sinkhorn(SinkhornShards(data, centroids, cache_bytes=0), proportions(K))
+        uncached = sinkhorn(BalanceShards(data, centroids, cache_bytes=0), proportions(K))
     finally:
         data.shutdown()
     assert got.iterations == expected.iterations and got.marginal_error < 1e-3
@@ -56,13 +59,52 @@ def test_distributed_sinkhorn_equals_single_process(ray_local, dominant):
     np.testing.assert_array_equal(single.labels(got.beta), single.labels(expected.beta))
 
 
+def test_sample_solve_and_corrections_on_workers_match_in_process(ray_local, dominant):
+    """Sinkhorn on half the rows (chosen by row key: the same rows on 4 workers as in one
+    process), then size corrections over all rows, in both settings."""
+    root, x, _ = dominant
+    n, seed = len(x), 3
+    centroids = x[np.random.default_rng(1).choice(n, K, replace=False)]
+    sample = x[row_keys(np.arange(n), seed) < 0.5]
+    expected = balanced_duals(
+        RowBlock(sample, centroids, "l2", len(sample)),
+        BoundaryBlock(x, centroids, "l2"),
+        proportions(K),
+        n,
+    )
+    plan = make_plan(str(root), ReadSettings())
+    data = ResidentShards.from_plan(
+        plan, ReadSettings(dim=plan.dim), WorkerSpec("l2", num_cpus=0.5), 4
+    )
+    try:
+        shards = BalanceShards(data, centroids, 2**30, fraction=0.5, seed=seed)
+        got = balanced_duals(shards, shards, proportions(K), n)
+    finally:
+        data.shutdown()
+    assert shards.sample_rows == len(sample)
+    # Float32 sums taken in another order: steps within one, labels 99.9% the same.
+    assert abs(got.sinkhorn.iterations - expected.sinkhorn.iterations) <= 1
+    assert got.converged and expected.converged
+    block = RowBlock(x, centroids, "l2", n)
+    assert (block.labels(got.beta) == block.labels(expected.beta)).mean() >= 0.999
+    targets = integer_targets(proportions(K), n)
+    assert (np.abs(np.bincount(block.labels(got.beta), minlength=K) - targets) <= 8).all()
+
+
 def test_worker_rebuilds_a_lost_block(dominant):
     root, x, _ = dominant
     plan = make_plan(str(root), ReadSettings())
     worker = ShardWorker(
         FileRows(tuple(plan.split(1)[0])), ReadSettings(dim=plan.dim), WorkerSpec("l2")
     )
-    problem = {"centroids": x[:K].copy(), "rows": len(x), "cache_bytes": 2**30}
+    problem = {
+        "centroids": x[:K].copy(),
+        "rows": len(x),
+        "cache_bytes": 2**30,
+        "fraction": 1.0,
+        "seed": 0,
+        "token": "t",
+    }
     stage = (3, np.zeros(K), 5.0)
     first = worker.sinkhorn_column_sums(np.ones(K), problem, stage)
     worker.sinkhorn_release()  # what a restart leaves: rows reloaded, no block
@@ -96,7 +138,6 @@ def test_balanced_run_end_to_end(ray_local, dominant, tmp_path):
     } <= set(table.column_names)
     sizes = np.bincount(table.column("label").to_numpy(), minlength=K)
     nearest = np.bincount(table.column("nearest_label").to_numpy(), minlength=K)
-    assert np.abs(sizes / (n / K) - 1).max() <= 0.10  # within +-10% of n/k
     assert np.abs(nearest / (n / K) - 1).max() > 0.5  # plain k-means: far from it
     probs = np.stack(table.column("topk_probs").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -114,31 +155,60 @@ def test_balanced_run_end_to_end(ray_local, dominant, tmp_path):
         table.column("label").to_numpy(), (S[ids] / eps + duals).argmax(1)
     )
     b = manifest["balance"]
-    assert b["converged"] and b["marginal_error"] < 1e-3 and b["epsilon_relative"] == 0.005
-    assert manifest["clusters"]["balance"]["max_over_min"] <= 1.25
+    assert b["converged"] and b["sinkhorn"]["marginal_error"] < 1e-3
+    # Sinkhorn's sample: 64 rows per cluster in expectation (binomial, sd 24).
+    assert b["epsilon_relative"] == 0.005 and abs(b["sample_rows"] - 64 * K) < 100
+    # --balance-tol 0.01: every size within 1% (8 rows) of n / k.
+    assert np.abs(sizes - n // K).max() <= 8 and b["sizes"]["max_deviation"] <= 0.01
+    assert manifest["clusters"]["balance"]["max_over_min"] <= 808 / 792
     assert manifest["clusters"]["nearest"]["balance"]["max_over_min"] > 3
     assert set(manifest["metrics"]["truth"]) == {"label", "nearest_label"}
-    assert json.loads((out / "manifest.json").read_text())["balance"]["iterations"] > 0
+    saved = json.loads((out / "manifest.json").read_text())["balance"]
+    assert saved["sinkhorn"]["iterations"] > 0 and saved["sizes"]["passes"] >= 1
+    assert not b["warm_start"]
+
+    # The next night starts from these centroids, and Sinkhorn from these duals.
+    night = run(
+        fast_config(
+            input=str(root),
+            output=str(tmp_path / "night2"),
+            k=K,
+            balanced=True,
+            init_centroids=str(out / "centroids.npy"),
+            iterations=2,
+            balance_sample=0,
+        )
+    )
+    warm = night["balance"]
+    assert warm["warm_start"] and warm["converged"] and warm["sample_rows"] == n
+    assert len(warm["sinkhorn"]["stages"]) == 1  # no annealing from the score scale
+    assert warm["sinkhorn"]["iterations"] < b["sinkhorn"]["iterations"] / 3
 
 
-def test_cluster_proportions_file(ray_local, dominant, tmp_path):
+@pytest.mark.parametrize("suffix", [".json", ".npy"])
+def test_cluster_proportions_file(ray_local, dominant, tmp_path, suffix):
     root, x, _ = dominant
-    weights = np.arange(1, K + 1, dtype=np.float64)
-    (tmp_path / "w.json").write_text(json.dumps(weights.tolist()))
+    weights = np.arange(K, dtype=np.float64)  # cluster 0: no rows at all
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".npy":
+        np.save(path, weights)
+    else:
+        path.write_text(json.dumps(weights.tolist()))
     run(
         fast_config(
             input=str(root),
             output=str(tmp_path / "run"),
             k=K,
             balanced=True,
-            cluster_proportions=str(tmp_path / "w.json"),
+            cluster_proportions=str(path),
             iterations=5,
         )
     )
     sizes = np.bincount(
         pq.read_table(tmp_path / "run" / "labels").column("label").to_numpy(), minlength=K
     )
-    np.testing.assert_allclose(sizes / len(x), weights / weights.sum(), rtol=0.10)
+    targets = integer_targets(weights / weights.sum(), len(x))
+    assert (np.abs(sizes - targets) <= np.maximum(1, 0.01 * targets)).all()
 
 
 @pytest.mark.parametrize(

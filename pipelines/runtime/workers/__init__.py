@@ -2,20 +2,20 @@
 
 ``ShardWorker`` holds its rows for a whole fit and takes on every role that needs them
 resident: the k-means step and samples (``rows``), the resampling refinement's
-selections (``resample``) and the row side of Sinkhorn (``sinkhorn``). ``StreamWorker``
+selections (``resample``) and the row side of the balanced labels (``balance``). ``StreamWorker``
 pulls a Ray Data split for mini-batch k-means. A worker's state derives from its
 constructor arguments alone, so an actor that Ray restarts after a lost node is a correct
 one (DESIGN invariant 8); its methods are pure functions of their arguments.
 """
 
+from pseudolabel.pipelines.runtime.workers.balance import BalanceRole
 from pseudolabel.pipelines.runtime.workers.resample import ResampleRole
 from pseudolabel.pipelines.runtime.workers.rows import ResidentRows
-from pseudolabel.pipelines.runtime.workers.sinkhorn import SinkhornRole
 from pseudolabel.pipelines.runtime.workers.stream import StreamWorker
 
 
-class ShardWorker(ResampleRole, SinkhornRole, ResidentRows):
-    """Resident rows with the resampling and Sinkhorn roles (method order: roles first)."""
+class ShardWorker(ResampleRole, BalanceRole, ResidentRows):
+    """Resident rows with the resampling and balance roles (method order: roles first)."""
 
 
 __all__ = ["ShardWorker", "StreamWorker"]

@@ -1,0 +1,70 @@
+"""The driver's side of the balanced labels over the resident workers: Sinkhorn on their
+uniform sample (``ops.sinkhorn.RowShards``) and the size corrections on all their rows
+(``ops.hard_balance.BoundaryShards``). Only k-vectors travel each step (beta and v out,
+column sums, counts and gaps back) and the boundary pairs, summed in worker order."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import ray
+
+from pseudolabel.ops.hard_balance import Boundary
+from pseudolabel.pipelines.runtime.shards import ResidentShards
+
+
+class BalanceShards:
+    """Both protocols over the actors of ``data``; ``fraction`` of the rows (by sampling
+    key, under ``seed``) make Sinkhorn's sample, all of them the corrections'."""
+
+    def __init__(
+        self,
+        data: ResidentShards,
+        centroids: np.ndarray,
+        cache_bytes: float,
+        fraction: float = 1.0,
+        seed: int = 0,
+    ):
+        self.actors = data.actors
+        self.rows = data.count()
+        problem = {
+            "centroids": np.ascontiguousarray(centroids, np.float32),
+            "cache_bytes": cache_bytes,
+            "fraction": float(fraction),
+            "seed": seed,
+            "token": uuid.uuid4().hex,  # workers keep per-problem state under it
+        }
+        ref = ray.put(problem)
+        self.sample_rows = sum(ray.get([a.balance_sample_size.remote(ref) for a in self.actors]))
+        self.problem_ref = ray.put({**problem, "rows": self.sample_rows})  # once
+        self.stage: tuple = (0, np.zeros(len(centroids)), 1.0)
+        self.cached: list[bool] = []
+
+    def score_moments(self) -> np.ndarray:
+        problem = self.problem_ref
+        parts = ray.get([a.sinkhorn_moments.remote(problem) for a in self.actors])
+        self.cached = [cached for _, cached in parts]
+        return np.sum([m for m, _ in parts], axis=0)
+
+    def prepare(self, beta: np.ndarray, eps: float) -> None:
+        self.stage = (self.stage[0] + 1, np.array(beta, np.float64), float(eps))
+
+    def column_sums(self, v: np.ndarray) -> np.ndarray:
+        problem = self.problem_ref
+        parts = ray.get(
+            [a.sinkhorn_column_sums.remote(v, problem, self.stage) for a in self.actors]
+        )
+        total = parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        return total
+
+    def boundary(self, g: np.ndarray, width: float, wanted: np.ndarray | None = None) -> Boundary:
+        problem = self.problem_ref
+        return Boundary.merge(
+            ray.get([a.balance_boundary.remote(problem, g, width, wanted) for a in self.actors])
+        )
+
+    def release(self) -> None:
+        ray.get([a.sinkhorn_release.remote() for a in self.actors])

@@ -1,0 +1,172 @@
+"""Hard balance: duals whose argmax labels meet the target sizes, checked against the
+exact balanced optimum (POT's network simplex, ``ot.emd2``)."""
+
+import numpy as np
+import ot
+import pytest
+
+from pseudolabel.ops.dataset import ArrayData
+from pseudolabel.ops.hard_balance import (
+    HOT,
+    Boundary,
+    BoundaryBlock,
+    balanced_duals,
+    boundary,
+    equalize,
+    integer_targets,
+)
+from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.ops.sampling import row_keys
+from pseudolabel.ops.sinkhorn import RowBlock, proportions
+from tests.data import mixture
+
+K = 20
+
+
+@pytest.fixture(scope="module")
+def skewed():
+    """The issue's setting: 4000 x 32, k = 20 (200 rows per cluster), one mode of the
+    mixture holding half the rows, k-means centroids."""
+    w = np.full(5, 0.5 / 4)
+    w[0] = 0.5
+    x, _ = mixture(4000, 32, 5, seed=0, weights=w)
+    data = ArrayData(x)
+    params = KMeansParams(k=K, iterations=20, seed=0)
+    c = fit(data, params, init_state(data, params)[0]).centroids
+    D = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    return x, c, D
+
+
+def cost(D, labels):
+    return D[np.arange(len(D)), labels].sum()
+
+
+def exact_cost(D, sizes):
+    """The least total squared distance over labellings with these sizes."""
+    n = len(D)
+    return ot.emd2(np.full(n, 1.0 / n), sizes / n, D, numItermax=10_000_000) * n
+
+
+def test_sizes_within_tolerance_at_the_exact_optimum_cost(skewed):
+    x, c, D = skewed
+    n = len(x)
+    result = balanced_duals(RowBlock(x, c, "l2", n), BoundaryBlock(x, c, "l2"), proportions(K), n)
+    block = RowBlock(x, c, "l2", n)
+    soft = np.bincount(block.labels(result.sinkhorn.beta), minlength=K)
+    hard = np.bincount(block.labels(result.beta), minlength=K)
+    assert soft.max() / soft.min() > 1.1  # Sinkhorn's argmax alone: not balanced here
+    assert result.converged and (np.abs(hard - n // K) <= 2).all()  # 1% of 200
+    assert hard.max() / hard.min() <= 1.05
+    np.testing.assert_array_equal(hard, result.sizes.counts)
+    ratio = cost(D, block.labels(result.beta)) / exact_cost(D, integer_targets(proportions(K), n))
+    assert 0.99 < ratio <= 1.02, ratio
+
+
+def test_hard_sizes_certify_the_exact_optimum(skewed):
+    """Argmax labels under any g are the cheapest labelling with their own sizes (the LP
+    duality argument in the module's docstring): equal to POT's optimum for them."""
+    x, c, D = skewed
+    n = len(x)
+    result = balanced_duals(RowBlock(x, c, "l2", n), BoundaryBlock(x, c, "l2"), proportions(K), n)
+    labels = RowBlock(x, c, "l2", n).labels(result.beta)
+    sizes = np.bincount(labels, minlength=K)
+    np.testing.assert_allclose(cost(D, labels), exact_cost(D, sizes), rtol=1e-6)
+
+
+def test_sample_then_corrections_on_all_rows(skewed):
+    x, c, _ = skewed
+    n = len(x)
+    sample = x[row_keys(np.arange(n), 0) < 0.25]
+    result = balanced_duals(
+        RowBlock(sample, c, "l2", len(sample)), BoundaryBlock(x, c, "l2"), proportions(K), n
+    )
+    started = np.bincount(RowBlock(x, c, "l2", n).labels(result.sinkhorn.beta), minlength=K)
+    assert np.abs(started - n // K).max() > 10  # the sample's duals alone are off
+    assert result.converged and result.sizes.passes > 1
+    assert (np.abs(result.sizes.counts - n // K) <= 2).all()
+
+
+def test_warm_start_takes_fewer_sinkhorn_steps(skewed):
+    x, c, _ = skewed
+    n = len(x)
+
+    def solve(warm=None):
+        block = RowBlock(x, c, "l2", n)
+        return balanced_duals(block, BoundaryBlock(x, c, "l2"), proportions(K), n, warm=warm)
+
+    cold = solve()
+    warm = solve(cold.beta)
+    assert warm.sinkhorn.iterations < cold.sinkhorn.iterations / 3
+    assert warm.converged and len(warm.sinkhorn.stages) == 1
+
+
+def test_uneven_and_zero_targets(skewed):
+    x, c, _ = skewed
+    n = len(x)
+    q = proportions(K, np.r_[0.0, np.arange(1, K)])
+    result = balanced_duals(RowBlock(x, c, "l2", n), BoundaryBlock(x, c, "l2"), q, n)
+    targets = integer_targets(q, n)
+    assert targets[0] == 0 and result.converged
+    assert (np.abs(result.sizes.counts - targets) <= np.maximum(1, 0.01 * targets)).all()
+
+
+def test_boundary_is_the_same_over_shards(skewed):
+    x, c, _ = skewed
+    g = np.random.default_rng(0).standard_normal(K)
+    whole = boundary(x, c, "l2", g, 0.5)
+    parts = Boundary.merge([boundary(p, c, "l2", g, 0.5) for p in np.array_split(x, 3)])
+    np.testing.assert_array_equal(parts.counts, whole.counts)
+    np.testing.assert_array_equal(parts.pairs, whole.pairs)
+    np.testing.assert_allclose(parts.weights, whole.weights, rtol=1e-12)
+    np.testing.assert_array_equal(parts.enter_gap, whole.enter_gap)
+    np.testing.assert_array_equal(parts.leave_gap, whole.leave_gap)
+    assert whole.counts.sum() == len(x)
+
+
+def test_cached_passes_count_exactly(skewed):
+    """Passes after the first label rows from their cached candidates when a bound allows:
+    the counts must equal a pass that scores every row against every centroid, for small
+    moves of every dual and for large moves of a few (the HOT ones, scored exactly)."""
+    x, _, _ = skewed
+    rng = np.random.default_rng(5)
+    k = 3 * HOT  # above HOT, or every pass scores all columns
+    c = x[rng.choice(len(x), k, replace=False)]
+    block = BoundaryBlock(x, c, "l2")
+    g = rng.standard_normal(k)
+    block.boundary(g, 0.5)
+    assert block.recomputed == len(x)
+    spared = 0
+    for _ in range(6):
+        g = g + 0.05 * rng.standard_normal(k)
+        g[rng.choice(k, 3)] += rng.choice([-5.0, 5.0], 3)
+        got = block.boundary(g, 0.5)
+        np.testing.assert_array_equal(got.counts, boundary(x, c, "l2", g, 0.5).counts)
+        spared += len(x) - block.recomputed
+    assert spared > 0  # the cache spared some rows their full scores
+
+
+def test_gaps_are_the_exact_moves(skewed):
+    """Raising g_j by just over enter_gap_j brings a row into j; by just under, none."""
+    x, c, _ = skewed
+    g = np.zeros(K)
+    b = boundary(x, c, "l2", g, 1.0)
+    j = int(np.argmin(b.counts))
+    for bump, gained in ((0.999, False), (1.001, True)):
+        h = g.copy()
+        h[j] += bump * b.enter_gap[j]
+        assert (boundary(x, c, "l2", h, 1.0).counts[j] > b.counts[j]) == gained
+
+
+def test_duplicate_rows_cannot_be_split_and_it_says_so():
+    """200 copies of one row and 2 clusters of target 100: no duals split them."""
+    x = np.zeros((200, 2), np.float32)
+    c = np.array([[0, 0], [1, 1]], np.float32)
+    result = equalize(BoundaryBlock(x, c, "l2"), np.array([100, 100]), np.zeros(2), 0.1, 0.01, 8)
+    assert not result.converged and result.passes == 8
+    assert sorted(result.counts) == [0, 200]
+
+
+def test_integer_targets_sum_to_n():
+    q = proportions(7, np.array([1, 2, 3, 4, 5, 6, 7.0]))
+    t = integer_targets(q, 1001)
+    assert t.sum() == 1001 and (np.abs(t - q * 1001) < 1).all()
