@@ -49,6 +49,9 @@ HOT = 32
 REBASE = 0.25  # a pass that would score more than this share of rows afresh scores all
 NEGLIGIBLE = 1e-9  # pair weights below this / h are left out
 TRUST = 8.0  # a Newton move of one cluster's dual spans at most this many start widths
+# A lone cluster moves just past the gap it must cross, by PAST kernel widths: a whole
+# width let 70k rows of a dense component flood a far cluster at once (100k x 128).
+PAST = 1e-3
 RIDGE = 1e-3  # L + RIDGE diag L: positive definite within a group, nearly Newton
 # After a step the kernel narrows to WIDTH_FOLLOW x the median |step| (within
 # [MIN_WIDTH, 1] x the start width): the rows that the next step moves lie that close to a
@@ -386,13 +389,13 @@ def newton_step(b: Boundary, targets: np.ndarray, width: float, reach: float) ->
         precondition = np.where(linked, (1.0 + RIDGE) * diag, 0.0)
         delta = conjugate_gradient(matvec, np.where(linked, rhs - net[group], 0.0), precondition)
         delta -= (np.bincount(group, delta, k) / np.maximum(size, 1))[group]
-        cap = np.maximum(reach, solo + width)
+        cap = np.maximum(reach, solo + PAST * width)
         np.clip(delta, -cap, cap, out=delta)
     lone = ~linked & (rhs != 0)
     gap = np.where(rhs > 0, b.enter_gap, b.leave_gap)
     gap = np.where(solo > 0, solo, gap)
     lone &= np.isfinite(gap)
-    delta[lone] = np.sign(rhs[lone]) * (gap[lone] + width)
+    delta[lone] = np.sign(rhs[lone]) * (gap[lone] + PAST * width)
     return delta
 
 
