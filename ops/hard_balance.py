@@ -499,6 +499,7 @@ def equalize(
             on_pass(entry)
 
     record(current, True, h)
+    best = (_size_error(current, targets), g, current)
     while not done(current) and passes < max_passes:
         delta = scale * newton_step(current, targets, h, TRUST * width)
         h_trial = _follow(delta, width, h)
@@ -511,12 +512,23 @@ def equalize(
         # accepting by the size error stalled at 1.5% off; by the objective, converged.)
         better = candidate.dual_objective(g + delta, targets) < current.dual_objective(g, targets)
         record(candidate, better, h_trial)
+        if _size_error(candidate, targets) < best[0]:
+            best = (_size_error(candidate, targets), g + delta, candidate)
         if better:
             g, current, h = g + delta, candidate, h_trial
             scale = min(1.0, 2.0 * scale)
         else:
             scale /= 2.0
+    # F can fall while sizes get worse on the way (seen on well-separated clusters), so
+    # the result is the duals with the best sizes seen: never worse than the start.
+    _, g, current = best
     return HardBalance(g, current.counts, targets, passes, done(current), history)
+
+
+def _size_error(b: Boundary, targets: np.ndarray) -> tuple[int, int]:
+    """(largest, total) size error in rows: the order in which results are preferred."""
+    dev = np.abs(b.counts - targets)
+    return int(dev.max()), int(dev.sum())
 
 
 def _follow(delta: np.ndarray, width: float, h: float) -> float:

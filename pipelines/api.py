@@ -177,7 +177,8 @@ class KMeans:
     ``max_iter`` (--iterations), ``tol``, ``spherical``, ``init`` ("auto", "kmeans++",
     "random"), ``seed``, ``workers``; ``balanced`` also solves for duals after the fit
     (Sinkhorn-Knopp on a sample, then size corrections on every row), so ``predict``
-    gives labels of equal cluster sizes on the fitted rows (within 1%). ``init`` may also be
+    gives labels of equal cluster sizes on the fitted rows (within 1% when the
+    corrections converge; the run's log says when they do not). ``init`` may also be
     a (k, d) array of initial centroids, as in scikit-learn.
 
     Fitted attributes: ``cluster_centers_`` (k, d) float32, ``inertia_`` (sum of squared

@@ -76,7 +76,7 @@ class RunConfig:
     sinkhorn_iterations: int = _opt(5000, "Sinkhorn steps at most, over all eps stages")
     sinkhorn_tol: float = _opt(1e-3, "Sinkhorn stops at this L1 error of the cluster sizes")
     balance_sample: int = _opt(
-        64, "Sinkhorn runs on this many rows per cluster (a uniform sample); 0: all rows"
+        256, "Sinkhorn runs on this many rows per cluster (a uniform sample); 0: all rows"
     )
     balance_tol: float = _opt(
         DEFAULT_TOL, "balanced sizes end within this fraction of their targets (>= 1 row)"
@@ -88,7 +88,7 @@ class RunConfig:
         metavar="FILE",
     )
     score_cache_gb: float = _opt(
-        4.0, "per worker: cache the n x k Sinkhorn scores under this size, else recompute"
+        4.0, "per worker: cache the sample's Sinkhorn scores under this size, else recompute"
     )
     topk: int = _opt(0, "also write the M nearest labels and distances per row", metavar="M")
     resampling_steps: int = _opt(
