@@ -512,8 +512,9 @@ def equalize(
         # accepting by the size error stalled at 1.5% off; by the objective, converged.)
         better = candidate.dual_objective(g + delta, targets) < current.dual_objective(g, targets)
         record(candidate, better, h_trial)
-        if _size_error(candidate, targets) < best[0]:
-            best = (_size_error(candidate, targets), g + delta, candidate)
+        error = _size_error(candidate, targets)
+        if error < best[0]:
+            best = (error, g + delta, candidate)
         if better:
             g, current, h = g + delta, candidate, h_trial
             scale = min(1.0, 2.0 * scale)
