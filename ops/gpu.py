@@ -53,6 +53,22 @@ def backend() -> str:
     )
 
 
+def usable_device(requested: str) -> str:
+    """The device this process computes on: ``requested`` when it can, else "cpu".
+
+    Decided inside each worker, not on the driver: the driver's machine may have no GPU
+    while the workers' do, and a node can advertise a GPU its process cannot use (a
+    fake autoscaler GPU, a driver missing from the image). Such a worker computes on its
+    CPU, warns, and reports "cpu" in its info, which the manifest records per worker."""
+    if requested == "cpu" or faiss_gpu_ready() or torch_cuda_ready():
+        return requested
+    log.warning(
+        "worker: a GPU was requested (--gpus-per-worker > 0) but this process sees no CUDA "
+        "device (neither the faiss GPU build nor torch.cuda); computing on the CPU"
+    )
+    return "cpu"
+
+
 def make_search(centroids: np.ndarray, metric: str, device: str):
     """search(x (n, d) float32, m) -> D, I on the GPU, as faiss's CPU search returns."""
     name = backend()

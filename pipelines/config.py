@@ -121,7 +121,9 @@ class RunConfig:
     gpus_per_worker: float = _opt(
         0.0, "GPUs per worker and per labeler (0: CPU faiss)", metavar="G"
     )
-    label_workers: int | None = _opt(None, "labeler actors; default: CPUs minus one for reads")
+    label_workers: int | None = _opt(
+        None, "labeler actors; default: CPUs minus one for reads (GPU: GPUs, or --workers)"
+    )
     label_batch_rows: int = _opt(65536, "rows per label batch")
     max_restarts: int = _opt(3, "times a lost worker actor is rebuilt before the run fails")
     startup_timeout: float = _opt(600.0, "seconds to wait for workers to start before failing")

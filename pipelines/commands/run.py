@@ -25,6 +25,7 @@ from pseudolabel.pipelines.io.plan import Plan, make_plan
 from pseudolabel.pipelines.io.skips import start_ledger
 from pseudolabel.pipelines.io.storage import resolve
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.roster import describe, start_roster, warn_fallback
 from pseudolabel.pipelines.runtime.session import ray_session, size_pools
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.stages.balance import (
@@ -113,8 +114,11 @@ def run(config: RunConfig) -> dict[str, Any]:
             with _timed("balance", timings):
                 balance = _balance(config, plan, settings, spec, sizing, fitted, output, ledger)
         staging = output.new_staging()
+        roster = start_roster()  # each labeler reports its node and device here
         with _timed("label", timings):
-            _label(config, plan, settings, sizing, output, staging, balance, ledger)
+            _label(config, plan, settings, sizing, output, staging, balance, ledger, roster)
+        labelers = ray.get(roster.members.remote())
+        warn_fallback("label", sizing.device, labelers)
         with _timed("publish", timings):
             staged = staging.files([".parquet"])
             skipped = dict(ray.get(ledger.by_reason.remote()))
@@ -127,6 +131,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             check_rows(written, plan.total_rows, skipped)  # before anything is published
             output.publish(staged)
         manifest = _manifest(config, plan, fitted, counts, skipped, timings, sizing, balance)
+        manifest["label"] = {"device": sizing.device, **describe(labelers)}
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
@@ -172,7 +177,9 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
     return result, info
 
 
-def _label(config, plan, settings, sizing, output: RunOutput, staging, balance, ledger) -> None:
+def _label(
+    config, plan, settings, sizing, output: RunOutput, staging, balance, ledger, roster
+) -> None:
     spec = LabelSpec.of(
         config,
         sizing,
@@ -181,7 +188,7 @@ def _label(config, plan, settings, sizing, output: RunOutput, staging, balance, 
     )
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
-    label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger)
+    label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:
@@ -235,7 +242,8 @@ def _manifest(
             "resumed_from_iteration": fitted.resumed_from,
             "workers": fitted.workers,
             "nodes": fitted.nodes,
-            "device": sizing.device,
+            "device": sizing.device,  # asked for; "devices": what each worker found
+            "devices": fitted.devices,
             "history": fitted.state.history_dicts(),
             "seconds": {k: round(v, 3) for k, v in fitted.seconds.items()},
         },

@@ -58,11 +58,12 @@ def size_pools(config: RunConfig, resources: dict[str, float]) -> Sizing:
     actors (the label pass, the mini-batch stream), one whole CPU stays free for its read
     tasks, which ask for one CPU each: actors holding the rest would starve them and the
     pass would never finish. A cluster that scales from zero shows no GPUs yet: pass
-    --workers."""
+    --workers, which then sizes the GPU label pool too (the fit has brought those GPUs
+    up by the time it starts)."""
     cpus = resources.get("CPU", 1)
     if config.gpus_per_worker > 0:
         slots = int(resources.get("GPU", 0) // config.gpus_per_worker)
-        streamed = slots
+        streamed = max(slots, config.workers or 0)
     else:
         slots = int(cpus // config.cpus_per_worker)
         streamed = int(max(cpus - READ_CPUS, 0) // config.cpus_per_worker)

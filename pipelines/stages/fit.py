@@ -13,6 +13,7 @@ from pseudolabel.pipelines.io.checkpoints import Checkpoints
 from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.roster import warn_fallback
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.runtime.streaming import StreamingShards
 from pseudolabel.pipelines.stages.nightly import load_init_centroids
@@ -27,6 +28,7 @@ class FitResult:
     resumed_from: int | None
     workers: int
     nodes: int
+    devices: list[str] = field(default_factory=list)  # each worker's, as it found it
     seconds: dict[str, float] = field(default_factory=dict)
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
@@ -159,17 +161,19 @@ def run_fit(
     data = start_workers(config, plan, settings, spec, workers, ledger)
     load = time.perf_counter() - t0
     nodes = len({i["node"] for i in data.infos})
+    warn_fallback("fit", spec.device, data.infos)
+    devices = "/".join(sorted({i["device"] for i in data.infos}))  # as the workers found
     if isinstance(data, ResidentShards):
         log.info(
             "fit: %d %s workers on %d node(s) loaded %d rows in %.1f s",
             len(data.actors),
-            spec.device,
+            devices,
             nodes,
             data.count(),
             load,
         )
     else:
-        log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), spec.device)
+        log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), devices)
     kept = False
     try:
         state, init, seconds = fit_on_workers(
@@ -182,6 +186,7 @@ def run_fit(
             resumed_from,
             len(data.actors),
             nodes,
+            [i["device"] for i in data.infos],
             {"load": load, **seconds},
             data if kept else None,
         )

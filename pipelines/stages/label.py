@@ -12,6 +12,7 @@ the M. Every other column passes through; the embedding column is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,13 @@ import ray.data
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
+from pseudolabel.ops.gpu import usable_device
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.layout import load_npy
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
 from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.roster import join_roster
 from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
 
 # What a Labeler can be given for centroids and duals: a URL of a .npy, or the array.
@@ -96,8 +99,10 @@ class Labeler:
     even after the driver's objects are gone.
     """
 
-    def __init__(self, centroids: ArraySource, spec: LabelSpec, storage_options: dict):
+    def __init__(self, centroids: ArraySource, spec: LabelSpec, storage_options: dict, roster=None):
         limit_threads(spec.threads)
+        spec = dataclasses.replace(spec, device=usable_device(spec.device))
+        join_roster(roster, spec.device)
         beta = None
         if spec.duals is not None:  # beta = eps log v, in score units
             beta = _load(spec.duals, storage_options) * spec.epsilon
@@ -139,14 +144,17 @@ def label_dataset(
     spec: LabelSpec,
     pool: LabelPool,
     storage_options: dict | None = None,
+    roster: Any = None,
 ) -> Any:
-    """The lazy Dataset of ``dataset``'s rows with their labels (``Labeler``)."""
+    """The lazy Dataset of ``dataset``'s rows with their labels (``Labeler``); each
+    labeler reports itself to ``roster`` (``runtime.roster``) when given one."""
     return dataset.map_batches(
         Labeler,
         fn_constructor_kwargs={
             "centroids": centroids,
             "spec": spec,
             "storage_options": storage_options or {},
+            "roster": roster,
         },
         batch_size=pool.batch_rows,
         batch_format="pyarrow",
@@ -166,8 +174,9 @@ def label_pass(
     pool: LabelPool,
     staging: Location,
     ledger=None,
+    roster=None,
 ) -> None:
     """Label every input row into parquet files under ``staging``."""
     dataset = embedding_dataset(plan, settings, ledger=ledger)
-    labelled = label_dataset(dataset, centroids.url, spec, pool, settings.storage_options)
+    labelled = label_dataset(dataset, centroids.url, spec, pool, settings.storage_options, roster)
     labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())

@@ -6,7 +6,13 @@ import pytest
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
-from pseudolabel.ops.gpu import DeviceRows, TorchSearch, backend, torch_cuda_ready
+from pseudolabel.ops.gpu import (
+    DeviceRows,
+    TorchSearch,
+    backend,
+    torch_cuda_ready,
+    usable_device,
+)
 from pseudolabel.ops.stats import partial_stats
 
 needs_cuda = pytest.mark.skipif(not torch_cuda_ready(), reason="no CUDA device on this machine")
@@ -44,6 +50,18 @@ def test_no_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="a GPU was requested"):
         backend()
+
+
+def test_a_worker_without_a_gpu_falls_back_to_the_cpu_and_says_so(caplog):
+    """A worker placed for a GPU that its process cannot see computes on the CPU (the
+    autoscaler test runs this on fake GPU nodes); one asked for the CPU stays there."""
+    assert usable_device("cpu") == "cpu"
+    if torch_cuda_ready():
+        assert usable_device("cuda") == "cuda"
+        return
+    with caplog.at_level("WARNING", logger="pseudolabel"):
+        assert usable_device("cuda") == "cpu"
+    assert "sees no CUDA device" in caplog.text and "computing on the CPU" in caplog.text
 
 
 @needs_cuda

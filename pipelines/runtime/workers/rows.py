@@ -7,6 +7,7 @@ statistics of an assignment step, and the keys and rows of a sample. A ``selecti
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -18,6 +19,7 @@ import ray
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.sampling import row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats
 from pseudolabel.pipelines.errors import PseudolabelError
@@ -37,7 +39,9 @@ class ResidentRows:
         # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
         # so the actor is ready while the driver seeds; its first use waits if needed.
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-        self.spec, self.settings = spec, settings
+        # The device is picked here, where the GPU is (or is not): see usable_device.
+        self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
+        self.settings = settings
         self.device_rows = None  # rows on the GPU, for --gpus-per-worker
         # A constructor exception reaches the driver only as "actor died": keep it and
         # raise it from info(), where it arrives as itself (file, row, column).

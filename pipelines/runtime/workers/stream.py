@@ -7,11 +7,14 @@ sample from the first batches of epoch 0, which are kept for the first steps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import ray
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.stats import PartialStats, partial_stats
 from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
@@ -23,7 +26,8 @@ class StreamWorker:
 
     def __init__(self, split, column: str, dim: int, spec: WorkerSpec):
         limit_threads(spec.threads)
-        self.stream, self.column, self.dim, self.spec = split, column, dim, spec
+        self.stream, self.column, self.dim = split, column, dim
+        self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
         self._batches = None
         self._pending: list[np.ndarray] = []  # batches read for seeding, not yet used
         self._epoch: int | None = None
