@@ -21,15 +21,19 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).parents[2]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head():
     """A Ray head on free loopback ports, with its own temp dir and token; every process
     under that temp dir is killed afterwards (`ray stop` would stop all Ray on the box)."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As the launcher files do it: token mode, and the token in a file of its own
+    # (there ~/.ray/auth_token; here RAY_AUTH_TOKEN_PATH, so that the user's is untouched).
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(
         RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(16),
+        RAY_AUTH_TOKEN_PATH=str(token),
         PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     dashboard = free_port()
@@ -88,12 +92,23 @@ def test_job_submit_runs_and_commits(head, tmp_path):
     assert "ray: joined" in text  # the driver joined the cluster, it did not start its own
     assert (out / "_SUCCESS").exists()
 
-    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
-    refused = subprocess.run(
+
+def job_list(env, address):
+    return subprocess.run(
         [str(BIN / "ray"), "job", "list", f"--address={address}"],
-        env=wrong,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert refused.returncode != 0  # a client without the head's token is turned away
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_job_server_refuses_clients_without_the_token(head):
+    env, address = head
+    allowed = job_list(env, address)  # the control: the same command, with the token
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    refused = job_list(anonymous, address)
+    assert refused.returncode != 0
+    assert "Unauthorized: Missing authentication token" in refused.stderr, refused.stderr[-2000:]
+    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}  # RAY_AUTH_TOKEN comes before the file
+    refused = job_list(wrong, address)
+    assert refused.returncode != 0
+    assert "Forbidden: Invalid authentication token" in refused.stderr, refused.stderr[-2000:]
