@@ -57,6 +57,8 @@ class BalancedAssigner:
         self.beta = None if beta is None else np.asarray(beta, np.float32)
         self.epsilon = epsilon
         self.index = CentroidIndex(self.centroids, metric, device) if beta is None else None
+        # The balanced scores are a numpy sgemm: on the CPU whatever was asked for.
+        self.device = device if beta is None else "cpu"
         self.augmented = None if beta is None else _augmented_centroids(self.centroids, metric)
 
     def assign(self, x: np.ndarray, topk: int = 0) -> Assignment:

@@ -59,12 +59,14 @@ def usable_device(requested: str) -> str:
     Decided inside each worker, not on the driver: the driver's machine may have no GPU
     while the workers' do, and a node can advertise a GPU its process cannot use (a
     fake autoscaler GPU, a driver missing from the image). Such a worker computes on its
-    CPU, warns, and reports "cpu" in its info, which the manifest records per worker."""
-    if requested == "cpu" or faiss_gpu_ready() or torch_cuda_ready():
+    CPU, warns, and reports "cpu" in its info, which the manifest records per worker.
+    torch on CUDA is required (resident rows live in torch tensors); the faiss GPU build
+    only speeds up the search on top of it."""
+    if requested == "cpu" or torch_cuda_ready():
         return requested
     log.warning(
-        "worker: a GPU was requested (--gpus-per-worker > 0) but this process sees no CUDA "
-        "device (neither the faiss GPU build nor torch.cuda); computing on the CPU"
+        "worker: a GPU was requested (--gpus-per-worker > 0) but torch in this process "
+        "sees no CUDA device; computing on the CPU"
     )
     return "cpu"
 

@@ -56,6 +56,9 @@ class RunConfig:
     previous_run: str | None = _opt(
         None, "a previous run's --output: report label drift against it", metavar="URL"
     )
+    allow_incomplete_previous: bool = _opt(
+        False, "use --init-centroids/--previous-run of a run without _SUCCESS (warns)"
+    )
     # The algorithm.
     algorithm: str = _opt(
         "lloyd", "lloyd (full passes) or minibatch (streamed)", choices=ALGORITHMS

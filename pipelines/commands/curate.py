@@ -28,8 +28,10 @@ from pseudolabel.ops.hierarchical import balanced_sample, upper_levels
 from pseudolabel.ops.metrics import size_stats
 from pseudolabel.pipelines.commands.run import run, versions
 from pseudolabel.pipelines.config import CurateConfig
+from pseudolabel.pipelines.io.fingerprint import refuse_stale, run_fingerprint
 from pseudolabel.pipelines.io.label_files import read_label_columns
 from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
+from pseudolabel.pipelines.io.plan import SUFFIXES
 from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
@@ -43,9 +45,14 @@ def curate(config: CurateConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     root = resolve(config.output, config.storage_options)
     output = RunOutput(root)
+    # Reused only by a curation of the same settings and input; a crashed one is
+    # continued only as far as its level-1 run has the same settings (run() checks).
+    fingerprint = run_fingerprint(config, tuple(SUFFIXES))
     if output.committed() and not config.overwrite:
+        previous = output.manifest()
+        refuse_stale(root.url, "a finished curation", previous.get("fingerprint"), fingerprint)
         log.info("%s is complete (_SUCCESS); --overwrite recomputes it", root.url)
-        return output.manifest()
+        return previous
     # Seeding decides whether rare concepts get clusters of their own: k-means++ even
     # above the k where `auto` switches to random seeds for speed (measured: random
     # seeds left 19 of 200 long-tail components without a cluster, k-means++ none).
@@ -100,6 +107,7 @@ def curate(config: CurateConfig) -> dict[str, Any]:
         "level1_run": level1["timings"],
         "seconds": round(time.perf_counter() - t0, 3),
         "versions": versions(),
+        "fingerprint": fingerprint,
     }
     output.commit(manifest)
     return manifest

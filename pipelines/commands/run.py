@@ -20,8 +20,9 @@ from pseudolabel.pipelines.commands.report import write_report
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
+from pseudolabel.pipelines.io.fingerprint import refuse_stale, run_fingerprint
 from pseudolabel.pipelines.io.layout import CENTROIDS, CHECKPOINTS, DUALS, RunOutput
-from pseudolabel.pipelines.io.plan import Plan, make_plan
+from pseudolabel.pipelines.io.plan import SUFFIXES, Plan, make_plan
 from pseudolabel.pipelines.io.skips import start_ledger
 from pseudolabel.pipelines.io.storage import resolve
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
@@ -36,9 +37,9 @@ from pseudolabel.pipelines.stages.balance import (
     target_proportions,
     warm_duals,
 )
-from pseudolabel.pipelines.stages.fit import FitResult, fingerprint, run_fit
+from pseudolabel.pipelines.stages.fit import FitResult, fit_fingerprint, run_fit
 from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
-from pseudolabel.pipelines.stages.nightly import label_drift
+from pseudolabel.pipelines.stages.nightly import check_previous_runs, label_drift
 from pseudolabel.pipelines.stages.verify import (
     LabelCounts,
     check_rows,
@@ -67,12 +68,19 @@ def run(config: RunConfig) -> dict[str, Any]:
             "would read the labels as embeddings; choose an output outside the input"
         )
     output.root.check_writable()  # credentials, bucket, endpoint: fail in seconds
+    # One listing of the input, before any file is opened or Ray starts: a finished
+    # output is reused only by a run of the same settings and input files.
+    fingerprint = run_fingerprint(config, tuple(SUFFIXES))
     if output.committed():
         if not config.overwrite:
+            previous = output.manifest()
+            old = previous.get("fingerprint")
+            refuse_stale(output.root.url, "a finished run", old, fingerprint)
             log.info("%s is complete (_SUCCESS); --overwrite recomputes it", output.root.url)
-            return output.manifest()
+            return previous
         log.info("--overwrite: removing the previous run at %s", output.root.url)
         output.clear()
+    check_previous_runs(config)
 
     timings: dict[str, float] = {}
     with _timed("plan", timings):
@@ -96,7 +104,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         sizing = size_pools(config, resources)
         spec = WorkerSpec.of(config, sizing)
         ledger = start_ledger()  # every reader reports its skipped rows here
-        checkpoints = Checkpoints(output.root.join(CHECKPOINTS), fingerprint(config, plan))
+        checkpoints = Checkpoints(
+            output.root.join(CHECKPOINTS), fit_fingerprint(config, plan, fingerprint)
+        )
         with _timed("fit", timings):
             fitted = run_fit(
                 config,
@@ -116,7 +126,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         staging = output.new_staging()
         roster = start_roster()  # each labeler reports its node and device here
         with _timed("label", timings):
-            _label(config, plan, settings, sizing, output, staging, balance, ledger, roster)
+            asked = _label(config, plan, settings, sizing, output, staging, balance, ledger, roster)
         labelers = ray.get(roster.members.remote())
         warn_fallback("label", sizing.device, labelers)
         with _timed("publish", timings):
@@ -131,7 +141,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             check_rows(written, plan.total_rows, skipped)  # before anything is published
             output.publish(staged)
         manifest = _manifest(config, plan, fitted, counts, skipped, timings, sizing, balance)
-        manifest["label"] = {"device": sizing.device, **describe(labelers)}
+        manifest["label"] = {"device": sizing.device, "asked": asked, **describe(labelers)}
+        manifest["fingerprint"] = fingerprint
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
@@ -179,7 +190,8 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
 
 def _label(
     config, plan, settings, sizing, output: RunOutput, staging, balance, ledger, roster
-) -> None:
+) -> int:
+    """Label every row into ``staging``; returns the labeler pool size asked for."""
     spec = LabelSpec.of(
         config,
         sizing,
@@ -189,6 +201,7 @@ def _label(
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
     label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
+    return pool.size
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pseudolabel.ops.kmeans import IterationRecord, KMeansState
-from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.fingerprint import refuse_stale
 from pseudolabel.pipelines.io.storage import Location
 
 log = logging.getLogger("pseudolabel")
@@ -73,12 +73,7 @@ class Checkpoints:
             except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
                 log.warning("ignoring unreadable checkpoint %s (%s)", loc.url, e)
                 continue
-            if doc["fingerprint"] != self.fingerprint:
-                raise ConfigError(
-                    f"{self.root.url} holds checkpoints of a different run "
-                    f"({_diff(doc['fingerprint'], self.fingerprint)}); "
-                    "use --overwrite or another --output"
-                )
+            refuse_stale(self.root.url, "checkpoints", doc["fingerprint"], self.fingerprint)
             return KMeansState(
                 centroids=arrays["centroids"].astype(np.float32),
                 iteration=int(doc["iteration"]),
@@ -88,8 +83,3 @@ class Checkpoints:
                 extra=doc.get("extra", {}),
             )
         return None
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)

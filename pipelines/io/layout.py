@@ -56,6 +56,11 @@ class RunOutput:
     def committed(self) -> bool:
         return self.root.join(SUCCESS).exists()
 
+    def started(self) -> bool:
+        """Whether a run has written anything here (committed or not)."""
+        names = (SUCCESS, MANIFEST, CENTROIDS, LABELS, STAGING, CHECKPOINTS)
+        return any(self.root.join(name).exists() for name in names)
+
     def clear(self) -> None:
         """Remove a previous run entirely, _SUCCESS first, so no stale marker survives."""
         self.root.join(SUCCESS).remove()

@@ -32,10 +32,14 @@ class SkipLedger:
 
 def start_ledger() -> Any:
     """A ``SkipLedger`` actor: no CPU of its own, and not restarted (a lost ledger fails
-    the run's row check rather than undercounting)."""
+    the run's row check rather than undercounting); on the driver's node, which lives as
+    long as the run (an autoscaled worker node may not)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(SkipLedger).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": here}
+    return ray.remote(**options)(SkipLedger).remote()
 
 
 def report_skips(ledger: Any, batch: Batch) -> None:

@@ -89,17 +89,23 @@ class Location:
         Names starting with "_" or "." are skipped, as Spark and Hive do (``_SUCCESS``,
         ``_checkpoints``, ``.crc``), and so are the folders that hold them.
         """
+        return [self.join(rel) if rel else self for rel, _ in self.file_infos(suffixes)]
+
+    def file_infos(self, suffixes: Iterable[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+        """(path relative to this location, fsspec's info: size, ETag or mtime, ...) of
+        the files that ``files`` lists, from the same single listing; "" for a file
+        location itself."""
         if not self.fs.exists(self.path):
             return []
         if self.fs.isfile(self.path):
-            return [self]
+            return [("", self.fs.info(self.path))]
         found = []
-        for p in sorted(self.fs.find(self.path)):
+        for p, info in sorted(self.fs.find(self.path, detail=True).items()):
             rel = posixpath.relpath(_strip(self.fs, p), self.path)
             if any(part.startswith(("_", ".")) for part in rel.split("/")):
                 continue
             if not suffixes or p.endswith(tuple(suffixes)):
-                found.append(self.join(rel))
+                found.append((rel, info))
         return found
 
     def delete(self) -> None:

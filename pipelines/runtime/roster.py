@@ -28,10 +28,14 @@ class Roster:
 
 
 def start_roster() -> Any:
-    """A ``Roster`` actor with no CPU of its own."""
+    """A ``Roster`` actor with no CPU of its own, on the driver's node: a node that the
+    autoscaler may remove must not take the run's bookkeeping with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(Roster).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": here}
+    return ray.remote(**options)(Roster).remote()
 
 
 def join_roster(roster: Any, device: str) -> None:

@@ -33,10 +33,13 @@ class FitResult:
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
 
-def fingerprint(config: RunConfig, plan: Plan) -> dict:
-    """What must match for a checkpoint to be resumed (the worker count need not)."""
+def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
+    """What must match for a checkpoint to be resumed: the fit's settings, and the same
+    input and warm-start files (``run``: the run's fingerprint, ``io.fingerprint``).
+    The worker count need not match, nor settings that act after the fit."""
     return {
         "input": plan.input_url,
+        "input_files": run["input_files"],
         "rows": plan.total_rows,
         "dim": plan.dim,
         "k": config.k,
@@ -45,6 +48,7 @@ def fingerprint(config: RunConfig, plan: Plan) -> dict:
         "spherical": config.spherical,
         "init": config.init,
         "init_centroids": config.init_centroids,
+        "init_centroids_file": run.get("init_centroids_file"),
     }
 
 

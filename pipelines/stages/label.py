@@ -102,7 +102,6 @@ class Labeler:
     def __init__(self, centroids: ArraySource, spec: LabelSpec, storage_options: dict, roster=None):
         limit_threads(spec.threads)
         spec = dataclasses.replace(spec, device=usable_device(spec.device))
-        join_roster(roster, spec.device)
         beta = None
         if spec.duals is not None:  # beta = eps log v, in score units
             beta = _load(spec.duals, storage_options) * spec.epsilon
@@ -110,6 +109,7 @@ class Labeler:
         self.assigner = BalancedAssigner(
             _load(centroids, storage_options), spec.metric, beta, spec.epsilon, spec.device
         )
+        join_roster(roster, self.assigner.device)  # where the labels are computed
 
     def __call__(self, table: pa.Table) -> pa.Table:
         spec = self.spec

@@ -4,6 +4,7 @@ against last night's run, both read from storage by URL."""
 from __future__ import annotations
 
 import logging
+import posixpath
 
 import numpy as np
 
@@ -11,10 +12,34 @@ from pseudolabel.ops.drift import centroid_shift, changed_fraction, match_centro
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.label_files import ids_and_labels
-from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, load_npy
+from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy
 from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
+
+
+def check_previous_runs(config: RunConfig) -> None:
+    """Refuse a ``--init-centroids`` or ``--previous-run`` that belongs to a run without
+    ``_SUCCESS`` (its centroids may come from an unfinished fit, its labels be half
+    written), or with ``--allow-incomplete-previous`` warn and go on. A run that has not
+    started at all (the first night) is left to the stages: they seed from the data and
+    report no drift. Called before Ray starts."""
+    folders = []
+    if config.init_centroids:
+        folders.append(("--init-centroids", posixpath.dirname(config.init_centroids)))
+    if config.previous_run:
+        folders.append(("--previous-run", config.previous_run))
+    for flag, url in folders:
+        previous = RunOutput(resolve(url, config.storage_options))
+        if previous.committed() or not previous.started():
+            continue
+        problem = f"{flag}: the run at {previous.root.url} has no _SUCCESS (unfinished or failed)"
+        if not config.allow_incomplete_previous:
+            raise ConfigError(
+                f"{problem}; finish it, point to a finished run, or pass "
+                "--allow-incomplete-previous to use it anyway"
+            )
+        log.warning("%s; used anyway (--allow-incomplete-previous)", problem)
 
 
 def load_init_centroids(config: RunConfig, dim: int) -> tuple[np.ndarray | None, str | None]:

@@ -113,12 +113,14 @@ def test_launcher_without_declared_resources_cannot_get_a_gpu(name):
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_nodes_share_the_token_and_run_the_image(name):
     config = load(name)
-    # The token file the operator made goes to the head, which copies it to the workers.
-    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    # The folder with the operator's token goes to the head, which copies it to the
+    # workers (a folder: Docker would pin a single file's inode).
+    assert config["file_mounts"] == {"~/.pseudolabel-auth": "~/.pseudolabel-auth"}
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     ray_starts = [c for c in starts if "ray start" in c]
     assert len(ray_starts) == 2
-    assert all("RAY_AUTH_MODE=token ray start" in c for c in ray_starts)  # or no start
+    token = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.pseudolabel-auth/auth_token ray start"
+    assert all(token in c for c in ray_starts)  # token mode, or no start at all
     (head_start,) = [c for c in ray_starts if "--head" in c]
     assert "--dashboard-host=127.0.0.1" in head_start  # job server on loopback only
     assert "0.0.0.0" not in " ".join(starts)
@@ -126,6 +128,11 @@ def test_launcher_nodes_share_the_token_and_run_the_image(name):
     assert config["docker"]["image"] == IMAGE
     assert not config.get("setup_commands")
     assert "pip install" not in yaml.safe_dump(config)
+    # Workers read and write the bucket: each has its own cloud identity (Ray gives its
+    # own only to the head).
+    for worker_type in ("gpu_worker", "cpu_worker"):
+        node = config["available_node_types"][worker_type]["node_config"]
+        assert "IamInstanceProfile" in node or "serviceAccounts" in node, worker_type
 
 
 def test_gcp_gpu_nodes_get_a_driver():
@@ -133,7 +140,7 @@ def test_gcp_gpu_nodes_get_a_driver():
     node = gpu["node_config"]
     assert node["guestAccelerators"][0]["acceleratorCount"] == gpu["resources"]["GPU"]
     assert {"key": "install-nvidia-driver", "value": "True"} in node["metadata"]["items"]
-    assert {"onHostMaintenance": "TERMINATE"} in node["scheduling"]
+    assert node["scheduling"] == {"onHostMaintenance": "TERMINATE"}  # an object in the API
     assert any("nvidia-smi" in c for c in gpu["initialization_commands"])
 
 
@@ -226,14 +233,21 @@ def test_image_builds_the_package_as_the_readme_setup_does():
     assert "COPY --chown=ray:users . /home/ray/pseudolabel" in dockerfile
     assert '"/home/ray/pseudolabel[gpu,gcs]"' in dockerfile  # this checkout, not a URL
     assert "git+" not in dockerfile
+    # .gitignore's patterns match at any depth unless anchored with "/"; Docker's match
+    # at the root unless written "**/...": compare them in those terms.
     ignored = {
-        line.strip().strip("/")
+        line.strip().rstrip("/")
         for line in (repo / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     for line in (repo / ".gitignore").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            assert line.strip().strip("/") in ignored, line  # no .venv/ or outputs
+        line = line.strip().rstrip("/")
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("/") or line in ("build", "dist", ".venv"):  # top-level only
+            assert line.lstrip("/") in ignored, line
+        else:
+            assert f"**/{line}" in ignored, line
     assert ".git" in ignored
 
 

@@ -93,22 +93,23 @@ def test_job_submit_runs_and_commits(head, tmp_path):
     assert (out / "_SUCCESS").exists()
 
 
-def job_list(env, address):
+def submit_echo(env, address):
     return subprocess.run(
-        [str(BIN / "ray"), "job", "list", f"--address={address}"],
+        [str(BIN / "ray"), "job", "submit", f"--address={address}", "--", "echo", "ran"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
-def test_job_server_refuses_clients_without_the_token(head):
+def test_job_server_refuses_a_job_without_the_token(head):
     env, address = head
-    allowed = job_list(env, address)  # the control: the same command, with the token
+    allowed = submit_echo(env, address)  # the control: the same submission, with the token
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "ran" in allowed.stdout
     anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
-    refused = job_list(anonymous, address)
-    assert refused.returncode != 0
+    refused = submit_echo(anonymous, address)
+    assert refused.returncode != 0 and "ran" not in refused.stdout
     assert "Unauthorized: Missing authentication token" in refused.stderr, refused.stderr[-2000:]
     wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}  # RAY_AUTH_TOKEN comes before the file
-    refused = job_list(wrong, address)
-    assert refused.returncode != 0
+    refused = submit_echo(wrong, address)
+    assert refused.returncode != 0 and "ran" not in refused.stdout
     assert "Forbidden: Invalid authentication token" in refused.stderr, refused.stderr[-2000:]

@@ -50,6 +50,9 @@ def test_run_prints_progress_and_summary(tmp_path):
     assert "3000 labelled rows" in result.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
+    assert manifest["fit"]["devices"] == ["cpu", "cpu"]
+    label = manifest["label"]  # every labeler reported itself, as many as asked for
+    assert label["actors"] == label["asked"] >= 1 and label["devices"] == ["cpu"] * label["asked"]
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):

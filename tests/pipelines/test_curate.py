@@ -23,35 +23,20 @@ def long_tail(tmp_path_factory):
     return root, truth
 
 
+def curate_args(root, out, levels: str, strategy: str = "random") -> list[str]:
+    return [
+        "curate", "--input", str(root), "--output", str(out), "--levels", levels,
+        "--sample-size", "2000", "--strategy", strategy, "--workers", "2",
+        "--cpus-per-worker", "0.5", "--label-workers", "1", "--resampling-steps", "2",
+        "--iterations", "15",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("strategy", ["random", "closest"])
-def test_curate(ray_local, long_tail, tmp_path, strategy):
+def test_curate(ray_local, long_tail, tmp_path, strategy, capsys):
     root, truth = long_tail
     out = tmp_path / "cur"
-    code = main(
-        [
-            "curate",
-            "--input",
-            str(root),
-            "--output",
-            str(out),
-            "--levels",
-            "60,12,4",
-            "--sample-size",
-            "2000",
-            "--strategy",
-            strategy,
-            "--workers",
-            "2",
-            "--cpus-per-worker",
-            "0.5",
-            "--label-workers",
-            "1",
-            "--resampling-steps",
-            "2",
-            "--iterations",
-            "15",
-        ]
-    )
+    code = main(curate_args(root, out, "60,12,4", strategy))
     assert code == 0
     table = pq.read_table(out / "selection")
     ids = table.column("id").to_numpy()
@@ -82,6 +67,16 @@ def test_curate(ray_local, long_tail, tmp_path, strategy):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == {"input": 20_000, "selected": 2000, "requested": 2000}
     assert (out / "_SUCCESS").exists() and (out / "level1" / "_SUCCESS").exists()
+    if strategy == "closest":
+        return
+    # Other levels: the finished curation is not returned for them ...
+    capsys.readouterr()
+    assert main(curate_args(root, out, "60,12,3")) == 2
+    assert "levels: '60,12,4' -> '60,12,3'" in capsys.readouterr().err
+    # ... and a crashed one is not continued with another level 1.
+    (out / "_SUCCESS").unlink()
+    assert main(curate_args(root, out, "50,10")) == 2
+    assert "level1 holds a finished run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["100,200", "10,x", "", "0,5"])

@@ -39,7 +39,7 @@ def test_torn_checkpoint_falls_back_to_previous(tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     Checkpoints(resolve(str(tmp_path)), {"k": 3, "seed": 0}).save(state(1))
-    with pytest.raises(ConfigError, match=r"different run \(k: 3 -> 4\); use --overwrite"):
+    with pytest.raises(ConfigError, match=r"different settings or input \(k: 3 -> 4\); rerun"):
         Checkpoints(resolve(str(tmp_path)), {"k": 4, "seed": 0}).latest()
 
 
@@ -72,3 +72,27 @@ def test_publish_replaces_labels_and_commit_writes_success_last(tmp_path):
     assert out.committed() and json.loads((tmp_path / "manifest.json").read_text()) == {"ok": 1}
     out.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_labeler_placed_for_a_gpu_it_cannot_see_labels_on_the_cpu(balanced):
+    """The label pass's actors pick their device as fit workers do (ops.gpu.usable_device);
+    the device they report is the one that computed (balanced labels: the CPU always)."""
+    import pyarrow as pa
+
+    from pseudolabel.ops.gpu import torch_cuda_ready
+    from pseudolabel.pipelines.stages.label import Labeler, LabelSpec
+
+    if torch_cuda_ready() and not balanced:
+        pytest.skip("this machine has a GPU: the labeler would use it")
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((5, 4)).astype(np.float32)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    duals = np.zeros(5) if balanced else None
+    spec = LabelSpec("l2", device="cuda", duals=duals, epsilon=1.0 if balanced else None)
+    labeler = Labeler(c, spec, {})
+    assert labeler.assigner.device == "cpu"
+    flat = pa.array(x.ravel())
+    out = labeler(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, 4)}))
+    nearest = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    assert (out.column("label").to_numpy() == nearest).all()  # zero duals: the nearest
