@@ -331,6 +331,9 @@ class TrainConfig:
     rounds: int = _opt(0, "DeepCluster rounds: re-embed, re-cluster, retrain", metavar="R")
     compare: bool = _opt(False, "also train on nearest-centroid and random labels; probe all")
     seed: int = _opt(0, "random seed", metavar="S")
+    overwrite: bool = _opt(
+        False, "train anew into an output that holds another head (removes _SUCCESS first)"
+    )
     id_column: str | None = _opt("id", "parquet id column")
     embedding_column: str = _opt("embedding", "parquet embedding column")
     storage_options: dict = field(

@@ -18,6 +18,7 @@ on random labels, and scores every head's features with a linear probe on the tr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -35,8 +36,9 @@ from pseudolabel.ops.metrics import contingency, nmi
 from pseudolabel.pipelines.config import TrainConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
+from pseudolabel.pipelines.io.fingerprint import files_digest, refuse_stale
 from pseudolabel.pipelines.io.layout import LABELS, SUCCESS, RunOutput
-from pseudolabel.pipelines.io.plan import make_plan
+from pseudolabel.pipelines.io.plan import SUFFIXES, make_plan
 from pseudolabel.pipelines.io.storage import Location, resolve
 
 log = logging.getLogger("pseudolabel")
@@ -296,6 +298,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
         columns.append(cfg.truth_column)
     out = resolve(cfg.output, cfg.storage_options)
+    fingerprint = train_fingerprint(cfg, manifest)
+    claim_output(out, fingerprint, cfg.overwrite)
     joined, dim = joined_dataset(cfg, cfg.labels, columns)
     classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
 
@@ -316,9 +320,65 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["comparison"] = _compare(cfg, joined, main, dim, k, classes, columns)
     if cfg.rounds:
         metrics["rounds"] = _rounds(cfg, manifest, main, dim, k)
+    metrics["fingerprint"] = fingerprint
     out.join("metrics.json").write_bytes(json.dumps(metrics, indent=2).encode())
     out.join(SUCCESS).write_bytes(b"")
     return metrics
+
+
+# What a train output holds; _SUCCESS is removed first and written last.
+TRAIN_OUTPUTS = ("head.npz", "head.json", "metrics.json", "rounds", "_train")
+TRAIN_FINGERPRINT = ("_train", "fingerprint.json")
+# Not what the head learns: how training executes; --epochs (more of them continue from
+# the last checkpoint); and the analyses beside the head (--compare, --rounds), whose own
+# heads are trained under their own names.
+TRAIN_OPERATIONAL = frozenset(
+    {
+        "output",
+        "overwrite",
+        "workers",
+        "cpus_per_worker",
+        "storage_options",
+        "epochs",
+        "compare",
+        "rounds",
+    }
+)
+
+
+def train_fingerprint(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings a head depends on, the labels run it learns from (its fingerprint
+    and when it was made: a recomputed run is new labels) and the input files."""
+    out = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in TRAIN_OPERATIONAL
+    }
+    labels = manifest.get("fingerprint") or manifest.get("config")
+    out["labels_run"] = {
+        "created": manifest.get("created"),
+        "sha256": hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest(),
+    }
+    out["input_files"] = files_digest(resolve(cfg.input, cfg.storage_options), tuple(SUFFIXES))
+    return json.loads(json.dumps(out))
+
+
+def claim_output(out: Location, fingerprint: dict[str, Any], overwrite: bool) -> None:
+    """Before any training: an output that holds another head (other settings, other
+    labels) is refused, or with ``overwrite`` removed, ``_SUCCESS`` first so that nothing
+    looks finished meanwhile. Then this head's fingerprint is recorded, so that a
+    crashed training resumes only as the same training."""
+    started = out.join(SUCCESS).exists() or any(out.join(n).exists() for n in TRAIN_OUTPUTS)
+    if started and overwrite:
+        log.info("--overwrite: removing the previous training at %s", out.url)
+        out.join(SUCCESS).remove()
+        for name in TRAIN_OUTPUTS:
+            out.join(name).remove()
+    elif started:
+        recorded = out.join(*TRAIN_FINGERPRINT)
+        old = json.loads(recorded.read_bytes()) if recorded.exists() else None
+        refuse_stale(out.url, "a head trained", old, fingerprint)
+    out.join(*TRAIN_FINGERPRINT).write_bytes(json.dumps(fingerprint).encode())
 
 
 def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:

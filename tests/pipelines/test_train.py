@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from pseudolabel.pipelines.commands.run import run
-from pseudolabel.pipelines.commands.train import train
+from pseudolabel.pipelines.commands.train import claim_output, train
 from pseudolabel.pipelines.config import TrainConfig
 from pseudolabel.pipelines.errors import ConfigError
+from pseudolabel.pipelines.io.storage import resolve
 from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import fast_config
 
@@ -72,6 +73,26 @@ def test_train_compare_checkpoint_and_resume(ray_local, labelled, tmp_path):
     resumed = train(config(labelled, out, epochs=3))
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
     assert resumed["epochs"][2]["resumed_from_epoch"] == 2  # from the checkpoint, not 0
+    # Another head is not resumed from this one's checkpoints: refused before training.
+    with pytest.raises(ConfigError, match=r"head: 'mlp' -> 'linear'.*--overwrite"):
+        train(config(labelled, out, head="linear"))
+
+
+def test_train_output_is_claimed_by_its_fingerprint(tmp_path):
+    """A trained output is continued only by the same training; --overwrite removes it,
+    _SUCCESS first; the new fingerprint is recorded before any training starts."""
+    out = resolve(str(tmp_path))
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "_train").mkdir()
+    (tmp_path / "head.npz").write_bytes(b"old head")
+    with pytest.raises(ConfigError, match="no fingerprint recorded"):
+        claim_output(out, {"head": "mlp"}, overwrite=False)  # whose head is this?
+    claim_output(out, {"head": "mlp"}, overwrite=True)
+    assert not (tmp_path / "_SUCCESS").exists() and not (tmp_path / "head.npz").exists()
+    assert json.loads((tmp_path / "_train" / "fingerprint.json").read_text()) == {"head": "mlp"}
+    claim_output(out, {"head": "mlp"}, overwrite=False)  # the same training: continued
+    with pytest.raises(ConfigError, match="head: 'mlp' -> 'linear'"):
+        claim_output(out, {"head": "linear"}, overwrite=False)
 
 
 def test_rounds_track_nmi(ray_local, labelled, tmp_path):
