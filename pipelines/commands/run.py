@@ -22,6 +22,7 @@ from pseudolabel.pipelines.errors import ConfigError, InputError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
 from pseudolabel.pipelines.io.fingerprint import refuse_stale, run_fingerprint
 from pseudolabel.pipelines.io.layout import CENTROIDS, CHECKPOINTS, DUALS, RunOutput
+from pseudolabel.pipelines.io.lease import Lease
 from pseudolabel.pipelines.io.plan import SUFFIXES, Plan, make_plan
 from pseudolabel.pipelines.io.skips import start_ledger
 from pseudolabel.pipelines.io.storage import resolve
@@ -71,17 +72,24 @@ def run(config: RunConfig) -> dict[str, Any]:
     # One listing of the input, before any file is opened or Ray starts: a finished
     # output is reused only by a run of the same settings and input files.
     fingerprint = run_fingerprint(config, tuple(SUFFIXES))
-    if output.committed():
-        if not config.overwrite:
-            previous = output.manifest()
-            old = previous.get("fingerprint")
-            refuse_stale(output.root.url, "a finished run", old, fingerprint)
-            log.info("%s is complete (_SUCCESS); --overwrite recomputes it", output.root.url)
-            return previous
-        log.info("--overwrite: removing the previous run at %s", output.root.url)
-        output.clear()
+    if output.committed() and not config.overwrite:
+        previous = output.manifest()
+        old = previous.get("fingerprint")
+        refuse_stale(output.root.url, "a finished run", old, fingerprint)
+        log.info("%s is complete (_SUCCESS); --overwrite recomputes it", output.root.url)
+        return previous
     check_previous_runs(config)
+    # One writer per output, from here to the commit (a resubmitted job fails here).
+    with Lease(output.root) as lease:
+        if output.committed():
+            log.info("--overwrite: removing the previous run at %s", output.root.url)
+            output.clear()
+        return _run(config, output, fingerprint, lease, t_start)
 
+
+def _run(
+    config: RunConfig, output: RunOutput, fingerprint: dict, lease: Lease, t_start: float
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     with _timed("plan", timings):
         plan = make_plan(config.input, config.read_settings())
@@ -118,7 +126,8 @@ def run(config: RunConfig) -> dict[str, Any]:
                 keep_workers=config.balanced,
                 ledger=ledger,
             )
-        output.write_array(CENTROIDS, fitted.state.centroids)  # labelers load it
+        # Labelers load it, and check it is still this file.
+        centroids_sha256 = output.write_array(CENTROIDS, fitted.state.centroids)
         balance = None
         if config.balanced:
             with _timed("balance", timings):
@@ -126,7 +135,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         staging = output.new_staging()
         roster = start_roster()  # each labeler reports its node and device here
         with _timed("label", timings):
-            asked = _label(config, plan, settings, sizing, output, staging, balance, ledger, roster)
+            asked = _label(
+                config, plan, settings, sizing, output, staging, balance, ledger, roster,
+                centroids_sha256,
+            )  # fmt: skip
         labelers = ray.get(roster.members.remote())
         warn_fallback("label", sizing.device, labelers)
         with _timed("publish", timings):
@@ -139,15 +151,22 @@ def run(config: RunConfig) -> dict[str, Any]:
             counts = count_labels(staged, config.k, columns, config.truth_column)
             written = counts["label"].rows
             check_rows(written, plan.total_rows, skipped)  # before anything is published
+            lease.check()  # still the only writer
             output.publish(staged)
         manifest = _manifest(config, plan, fitted, counts, skipped, timings, sizing, balance)
-        manifest["label"] = {"device": sizing.device, "asked": asked, **describe(labelers)}
+        manifest["label"] = {
+            "device": sizing.device,
+            "asked": asked,
+            **describe(labelers),
+            "centroids_sha256": centroids_sha256,  # what every labeler checked it loaded
+        }
         manifest["fingerprint"] = fingerprint
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
         write_report(output, manifest, config.storage_options)  # before _SUCCESS, last
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        lease.check()
         output.commit(manifest)
     log.info("done: %d rows labelled into %s", written, output.labels.url)
     return manifest
@@ -189,7 +208,16 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
 
 
 def _label(
-    config, plan, settings, sizing, output: RunOutput, staging, balance, ledger, roster
+    config,
+    plan,
+    settings,
+    sizing,
+    output: RunOutput,
+    staging,
+    balance,
+    ledger,
+    roster,
+    centroids_sha256: str,
 ) -> int:
     """Label every row into ``staging``; returns the labeler pool size asked for."""
     spec = LabelSpec.of(
@@ -197,6 +225,7 @@ def _label(
         sizing,
         duals_url=output.root.join(DUALS).url if balance else None,
         epsilon=balance[0].epsilon if balance else None,
+        centroids_sha256=centroids_sha256,
     )
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)

@@ -15,6 +15,7 @@ trusted) and resumes the fit from the last complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import uuid
@@ -36,11 +37,20 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_npy(loc: Location) -> np.ndarray:
+def load_npy(loc: Location, sha256: str | None = None) -> np.ndarray:
+    """The array in ``loc``; with ``sha256``, only if the file is the one recorded (a
+    labeler must not label with centroids that another writer has replaced)."""
     try:
-        return np.load(io.BytesIO(loc.read_bytes()), allow_pickle=False)
+        data = loc.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{loc.url} does not exist") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise InputError(
+            f"{loc.url} is not the file this run wrote (sha256 differs): did another run "
+            "write to the same --output?"
+        )
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         raise InputError(f"{loc.url} is not a numeric .npy array ({e})") from None
 
@@ -83,8 +93,11 @@ class RunOutput:
         self.root.join(STAGING).remove()
         return published
 
-    def write_array(self, name: str, a: np.ndarray) -> None:
-        self.root.join(name).write_bytes(npy_bytes(a))
+    def write_array(self, name: str, a: np.ndarray) -> str:
+        """Write ``a`` as ``name``; returns the file's sha256."""
+        data = npy_bytes(a)
+        self.root.join(name).write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
 
     def commit(self, manifest: dict[str, Any]) -> None:
         self.root.join(MANIFEST).write_bytes(json.dumps(manifest, indent=2).encode())

@@ -45,10 +45,16 @@ class LabelSpec:
     threads: int | None = None  # faiss threads per labeler; None: Ray's OMP_NUM_THREADS
     duals: ArraySource | None = None  # log v (k,): balanced labels
     epsilon: float | None = None  # the plan's eps, in score units
+    centroids_sha256: str | None = None  # a centroids URL must hold this file
 
     @classmethod
     def of(
-        cls, config: RunConfig, sizing: Sizing, duals_url: str | None, epsilon: float | None
+        cls,
+        config: RunConfig,
+        sizing: Sizing,
+        duals_url: str | None,
+        epsilon: float | None,
+        centroids_sha256: str | None = None,
     ) -> LabelSpec:
         return cls(
             metric=config.metric,
@@ -57,6 +63,7 @@ class LabelSpec:
             threads=sizing.label_threads,
             duals=duals_url,
             epsilon=epsilon,
+            centroids_sha256=centroids_sha256,
         )
 
 
@@ -77,9 +84,9 @@ class LabelPool:
         )
 
 
-def _load(source: ArraySource, storage_options: dict) -> np.ndarray:
+def _load(source: ArraySource, storage_options: dict, sha256: str | None = None) -> np.ndarray:
     if isinstance(source, str):
-        return load_npy(resolve(source, storage_options))
+        return load_npy(resolve(source, storage_options), sha256)
     return np.asarray(source)
 
 
@@ -107,7 +114,11 @@ class Labeler:
             beta = _load(spec.duals, storage_options) * spec.epsilon
         self.spec = spec
         self.assigner = BalancedAssigner(
-            _load(centroids, storage_options), spec.metric, beta, spec.epsilon, spec.device
+            _load(centroids, storage_options, spec.centroids_sha256),
+            spec.metric,
+            beta,
+            spec.epsilon,
+            spec.device,
         )
         join_roster(roster, self.assigner.device)  # where the labels are computed
 

@@ -96,3 +96,20 @@ def test_labeler_placed_for_a_gpu_it_cannot_see_labels_on_the_cpu(balanced):
     out = labeler(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, 4)}))
     nearest = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
     assert (out.column("label").to_numpy() == nearest).all()  # zero duals: the nearest
+
+
+def test_labeler_refuses_centroids_replaced_under_the_run(tmp_path):
+    """Labelers load centroids.npy by URL and check it is the file the driver wrote: a
+    second writer on the same --output cannot slip other centroids into the labels."""
+    from pseudolabel.pipelines.errors import InputError
+    from pseudolabel.pipelines.stages.label import Labeler, LabelSpec
+
+    out = RunOutput(resolve(str(tmp_path)))
+    rng = np.random.default_rng(0)
+    sha = out.write_array("centroids.npy", rng.standard_normal((4, 3)).astype(np.float32))
+    url = str(tmp_path / "centroids.npy")
+    labeler = Labeler(url, LabelSpec("l2", centroids_sha256=sha), {})
+    assert labeler.assigner.centroids.shape == (4, 3)
+    out.write_array("centroids.npy", rng.standard_normal((4, 3)).astype(np.float32))
+    with pytest.raises(InputError, match="not the file this run wrote"):
+        Labeler(url, LabelSpec("l2", centroids_sha256=sha), {})
