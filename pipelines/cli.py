@@ -50,12 +50,78 @@ def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunCo
         elif f.type.startswith(("int", "float")):
             kwargs["metavar"] = "N" if f.type.startswith("int") else "X"
         parser.add_argument(flag, **kwargs)
+    if any(f.name == "storage_options" for f in cfg.fields(settings)):
+        add_storage_options_file(parser)
+
+
+def add_storage_options_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options-file",
+        metavar="FILE",
+        help="fsspec options as a JSON or YAML file: keeps keys and secrets out of the "
+        f"command line (or set {STORAGE_OPTIONS_ENV} to the JSON)",
+    )
+
+
+# Storage options also come from here: a secret in argv shows in the process list,
+# Ray's job table and the job's log; an environment variable (from a Kubernetes Secret,
+# say) or a file does not.
+STORAGE_OPTIONS_ENV = "PSEUDOLABEL_STORAGE_OPTIONS"
+SECRET_WORDS = ("secret", "key", "token", "password", "credential", "session")
+
+
+def storage_options_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Storage options merged key by key: the environment variable, then the file, then
+    the flag (the most explicit wins); None when none of them is given. Warns when a
+    secret-looking key arrives on the command line."""
+    import os
+
+    import yaml
+
+    from pseudolabel.pipelines.errors import ConfigError
+
+    layers: list[tuple[str, Any]] = []
+    if os.environ.get(STORAGE_OPTIONS_ENV):
+        layers.append((f"${STORAGE_OPTIONS_ENV}", os.environ[STORAGE_OPTIONS_ENV]))
+    path = getattr(args, "storage_options_file", None)
+    if path:
+        try:
+            with open(path) as f:
+                layers.append((f"--storage-options-file {path}", f.read()))
+        except OSError as e:
+            raise ConfigError(f"--storage-options-file {path}: {e.strerror}") from None
+    if getattr(args, "storage_options", None) is not None:
+        layers.append(("--storage-options", args.storage_options))
+    if not layers:
+        return None
+    merged: dict[str, Any] = {}
+    for name, value in layers:
+        try:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError as e:
+            raise ConfigError(f"storage options from {name}: not JSON or YAML ({e})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"storage options from {name} must be a mapping")
+        merged.update(value)
+        secrets = sorted(k for k in value if any(w in str(k).lower() for w in SECRET_WORDS))
+        if name == "--storage-options" and secrets:
+            log.warning(
+                "--storage-options carries %s on the command line, where the process "
+                "list, Ray's job table and the job log show it: pass it with "
+                "--storage-options-file or %s instead",
+                ", ".join(repr(k) for k in secrets),
+                STORAGE_OPTIONS_ENV,
+            )
+    return merged
 
 
 def config_from_args(args: argparse.Namespace, settings: type = cfg.RunConfig):
-    """The validated settings: defaults <- the --config YAML <- the flags."""
+    """The validated settings: defaults <- the --config YAML <- the flags (storage
+    options: <- $PSEUDOLABEL_STORAGE_OPTIONS <- --storage-options-file <- the flag)."""
     values = cfg.load_yaml(args.config, settings) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in cfg.fields(settings)}
+    if "storage_options" in overrides:
+        overrides["storage_options"] = storage_options_from(args)
     return cfg.build_config(settings, values, **overrides)
 
 
@@ -75,7 +141,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pseudolabel.pipelines.io.layout import RunOutput
     from pseudolabel.pipelines.io.storage import resolve
 
-    options = json.loads(args.storage_options) if args.storage_options else {}
+    options = storage_options_from(args) or {}
     output = RunOutput(resolve(args.output, options))
     if not output.committed():
         raise InputError(f"{output.root.url} has no _SUCCESS: not a finished run")
@@ -148,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.html for a finished run, print a summary")
     report.add_argument("output", metavar="OUTPUT", help="the run's --output")
     report.add_argument("--storage-options", help="fsspec options as JSON")
+    add_storage_options_file(report)
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="generate a small sharded dataset and run the whole job")

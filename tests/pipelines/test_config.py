@@ -71,3 +71,29 @@ def test_manifest_view_redacts_storage_options():
 
 def test_empty_id_column_means_row_numbers():
     assert cfg.build(input="a", output="b", k=2, id_column="").id_column is None
+
+
+def test_storage_options_from_the_environment_a_file_and_the_flag(tmp_path, monkeypatch, caplog):
+    """Secrets can stay off the command line (a file, an environment variable); one that
+    arrives there gets a warning. Layers merge key by key, the most explicit winning."""
+    options = tmp_path / "storage.yaml"
+    options.write_text("endpoint_url: http://minio:9000\nkey: AK\nsecret: SK\n")
+    monkeypatch.setenv("PSEUDOLABEL_STORAGE_OPTIONS", '{"anon": false, "key": "from-env"}')
+    base = ["run", "--input", "in", "--output", "out", "--k", "2"]
+    parser = build_parser()
+    from_file = parser.parse_args([*base, "--storage-options-file", str(options)])
+    with caplog.at_level("WARNING", logger="pseudolabel"):
+        config = config_from_args(from_file)
+    assert config.storage_options == {
+        "anon": False, "key": "AK", "secret": "SK", "endpoint_url": "http://minio:9000"
+    }  # fmt: skip
+    assert "command line" not in caplog.text
+    assert config.to_dict()["storage_options"]["secret"] == "<redacted>"
+    in_argv = parser.parse_args([*base, "--storage-options", '{"secret": "x"}'])
+    with caplog.at_level("WARNING", logger="pseudolabel"):
+        config = config_from_args(in_argv)
+    assert config.storage_options == {"anon": False, "key": "from-env", "secret": "x"}
+    assert "carries 'secret' on the command line" in caplog.text
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        monkeypatch.setenv("PSEUDOLABEL_STORAGE_OPTIONS", "[1, 2]")
+        config_from_args(parser.parse_args(base))
