@@ -13,6 +13,7 @@ the M. Every other column passes through; the embedding column is dropped.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.errors import ResourceError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.layout import load_npy
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
@@ -73,6 +75,7 @@ class LabelPool:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     batch_rows: int = 65536
+    startup_timeout: float = 600.0  # seconds for the whole pool to start
 
     @classmethod
     def of(cls, config: RunConfig, sizing: Sizing) -> LabelPool:
@@ -81,6 +84,7 @@ class LabelPool:
             config.cpus_per_worker,
             config.gpus_per_worker,
             config.label_batch_rows,
+            config.startup_timeout,
         )
 
 
@@ -187,7 +191,26 @@ def label_pass(
     ledger=None,
     roster=None,
 ) -> None:
-    """Label every input row into parquet files under ``staging``."""
-    dataset = embedding_dataset(plan, settings, ledger=ledger)
-    labelled = label_dataset(dataset, centroids.url, spec, pool, settings.storage_options, roster)
-    labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
+    """Label every input row into parquet files under ``staging``. A pool that cannot
+    start within ``pool.startup_timeout`` is a ResourceError, not a wait without end
+    (Ray Data waits for its actors forever by default)."""
+    # A Dataset takes a copy of the current DataContext when it is made: set it first.
+    context = ray.data.DataContext.get_current()
+    waited = context.wait_for_min_actors_s
+    context.wait_for_min_actors_s = max(1, math.ceil(pool.startup_timeout))
+    try:
+        dataset = embedding_dataset(plan, settings, ledger=ledger)
+        labelled = label_dataset(
+            dataset, centroids.url, spec, pool, settings.storage_options, roster
+        )
+        labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
+    except ray.exceptions.GetTimeoutError as e:
+        have = ray.available_resources()
+        raise ResourceError(
+            f"the {pool.size} labelers did not start within {pool.startup_timeout:g} s; "
+            f"each needs {pool.num_cpus:g} CPU and {pool.num_gpus:g} GPU, the cluster has "
+            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU free "
+            "(lower --label-workers, or let the autoscaler add nodes)"
+        ) from e
+    finally:
+        context.wait_for_min_actors_s = waited

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -113,3 +114,26 @@ def test_labeler_refuses_centroids_replaced_under_the_run(tmp_path):
     out.write_array("centroids.npy", rng.standard_normal((4, 3)).astype(np.float32))
     with pytest.raises(InputError, match="not the file this run wrote"):
         Labeler(url, LabelSpec("l2", centroids_sha256=sha), {})
+
+
+def test_a_label_pool_that_cannot_start_is_a_clear_error(ray_local, tmp_path):
+    """Ray Data would wait for its actors forever: the label pass gives up after
+    --startup-timeout and says what it asked for and what the cluster has."""
+    from pseudolabel.pipelines.errors import ResourceError
+    from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+    from pseudolabel.pipelines.stages.label import LabelPool, LabelSpec, label_pass
+    from tests.data import write_parquet_shards
+
+    x = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    write_parquet_shards(tmp_path / "in", x, 1)
+    plan = make_plan(str(tmp_path / "in"), ReadSettings())
+    out = RunOutput(resolve(str(tmp_path / "out")))
+    out.write_array("centroids.npy", x[:3])
+    pool = LabelPool(size=1, num_cpus=1, num_gpus=1, startup_timeout=2)  # no GPU here
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match=r"1 labelers did not start within 2 s; .* 1 GPU"):
+        label_pass(
+            plan, ReadSettings(dim=4), out.root.join("centroids.npy"), LabelSpec("l2"), pool,
+            out.root.join("_staging", "x"),
+        )  # fmt: skip
+    assert time.monotonic() - t0 < 60
