@@ -174,6 +174,8 @@ def init_state(
         init = resolve_init(params.init, params.k)
         size = init_sample_size(init, params.k, data.count())
         sample = data.sample(min(size, max_sample or size), params.seed)
+        if len(sample) < params.k:  # rows were left out as bad, or there are too few
+            raise ValueError(f"k={params.k} exceeds the {len(sample)} rows to seed from")
         centroids = seed_centroids(sample, params.k, init, rng_for(params.seed, 0))
     weights = np.zeros(params.k) if params.algorithm == "minibatch" else None
     return KMeansState(centroids, weight_sums=weights), init

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pseudolabel.ops.hierarchical import resample_refine
 from pseudolabel.ops.kmeans import KMeansParams, KMeansState, fit, init_state
 from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
 from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
@@ -90,7 +91,13 @@ def fit_on_workers(
     t0 = time.perf_counter()
     if state is None:
         centroids, note = warm or (None, None)
-        state, init = init_state(data, params, init_centroids=centroids)
+        try:
+            state, init = init_state(data, params, init_centroids=centroids)
+        except ValueError as e:  # fewer valid rows than k: the input's fault, not a bug
+            raise InputError(
+                f"--k {config.k} exceeds the valid input rows ({e}); rows skipped by "
+                "--on-bad-rows skip do not count"
+            ) from None
         if note:
             init = f"{init} ({note})"
         log.info("fit: %s seeding of k=%d in %.1f s", init, config.k, time.perf_counter() - t0)

@@ -196,3 +196,18 @@ def test_zero_row_with_spherical_is_an_error_naming_the_row(ray_local, tmp_path)
         run(
             fast_config(input=str(tmp_path / "in"), output=str(tmp_path / "o"), k=3, spherical=True)
         )
+
+
+@pytest.mark.parametrize("algorithm", ["lloyd", "minibatch"])
+def test_k_is_checked_against_the_valid_rows(ray_local, tmp_path, algorithm):
+    """300 rows of which 5 are valid: k = 8 is one clear error, not a seeding traceback."""
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    x[5:] = np.nan
+    write_parquet_shards(tmp_path / "in", x, 2)
+    config = fast_config(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), k=8, on_bad_rows="skip",
+        algorithm=algorithm, iterations=2,
+    )  # fmt: skip
+    # Mini-batch seeds from the stream's first batches, which may hold 4 of the 5 rows.
+    with pytest.raises(InputError, match=r"--k 8 exceeds the valid input rows .* [45] rows"):
+        run(config)
