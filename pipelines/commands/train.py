@@ -36,7 +36,7 @@ from pseudolabel.ops.metrics import contingency, nmi
 from pseudolabel.pipelines.config import TrainConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
-from pseudolabel.pipelines.io.fingerprint import files_digest, refuse_stale
+from pseudolabel.pipelines.io.fingerprint import refuse_stale, settings_fingerprint
 from pseudolabel.pipelines.io.layout import LABELS, SUCCESS, RunOutput
 from pseudolabel.pipelines.io.plan import SUFFIXES, make_plan
 from pseudolabel.pipelines.io.storage import Location, resolve
@@ -347,20 +347,16 @@ TRAIN_OPERATIONAL = frozenset(
 
 
 def train_fingerprint(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The settings a head depends on, the labels run it learns from (its fingerprint
-    and when it was made: a recomputed run is new labels) and the input files."""
-    out = {
-        f.name: getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if f.name not in TRAIN_OPERATIONAL
-    }
+    """The settings a head depends on and the input files (as a run's), and the labels
+    run it learns from (its fingerprint and when it was made: a recomputed run is new
+    labels)."""
+    out = settings_fingerprint(cfg, TRAIN_OPERATIONAL, tuple(SUFFIXES))
     labels = manifest.get("fingerprint") or manifest.get("config")
     out["labels_run"] = {
         "created": manifest.get("created"),
         "sha256": hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest(),
     }
-    out["input_files"] = files_digest(resolve(cfg.input, cfg.storage_options), tuple(SUFFIXES))
-    return json.loads(json.dumps(out))
+    return out
 
 
 def claim_output(out: Location, fingerprint: dict[str, Any], overwrite: bool) -> None:

@@ -71,16 +71,23 @@ def files_digest(root: Location, suffixes: tuple[str, ...] = ()) -> dict[str, An
 
 
 def run_fingerprint(config: Any, suffixes: tuple[str, ...]) -> dict[str, Any]:
-    """Every result-changing setting of ``config`` (a RunConfig or a subclass), in
-    declaration order, then the input files and the files that settings name."""
+    """The fingerprint of a run or a curation (a RunConfig or a subclass)."""
+    return settings_fingerprint(config, OPERATIONAL, suffixes)
+
+
+def settings_fingerprint(
+    config: Any, operational: frozenset[str], suffixes: tuple[str, ...]
+) -> dict[str, Any]:
+    """Every setting of the dataclass ``config`` not in ``operational``, in declaration
+    order, then its input files and the files that its settings name (PINNED_FILES)."""
     out: dict[str, Any] = {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if f.name not in OPERATIONAL
+        if f.name not in operational
     }
     out["input_files"] = files_digest(resolve(config.input, config.storage_options), suffixes)
     for name in PINNED_FILES:
-        url = getattr(config, name)
+        url = getattr(config, name, None)
         if url:
             loc = resolve(url, config.storage_options)
             out[f"{name}_file"] = files_digest(loc) if loc.exists() else None

@@ -7,8 +7,8 @@ it. The lease names its holder and is renewed by a heartbeat; a second run that 
 live lease fails at once and says who holds it (a Ray job resubmitted while the first
 still runs). A lease without a heartbeat for ``expiry`` seconds, or whose holder was a
 process of this machine that is gone, belongs to a run that was killed: the next run
-takes it over, with a warning. A holder whose lease was taken
-over meanwhile finds out at its next heartbeat and refuses to publish (``check``).
+takes it over, with a warning. A holder whose lease was taken over meanwhile finds out
+at its next heartbeat and refuses to publish (``check``).
 """
 
 from __future__ import annotations
