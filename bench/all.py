@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench.label",
     "bench.balanced",
     "bench.storage",
+    "bench.row_groups",
     "bench.scaling",
     "bench.selftrain",
     "bench.curate",

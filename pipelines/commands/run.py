@@ -271,6 +271,7 @@ def _manifest(
             "format": plan.fmt,
             "files": len(plan.files),
             "empty_files": plan.empty_files,
+            "ignored_files": plan.ignored_files,  # not read: names starting with _ or .
             "rows": plan.total_rows,
             "dim": plan.dim,
             "value_type": plan.value_type,

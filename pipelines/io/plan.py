@@ -18,11 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pseudolabel.pipelines.errors import InputError
+from pseudolabel.pipelines.io.fingerprint import file_version
 from pseudolabel.pipelines.io.storage import Location, resolve, storage_errors
 
 SUFFIXES = {".parquet": "parquet", ".npy": "npy"}
 NPY_BLOCK_ROWS = 65536  # .npy files are read (and split) in blocks of this many rows
 BAD_ROW_POLICIES = ("error", "skip")
+DIM_SAMPLE_ROWS = 4096  # list<float> files: the dim is the commonest length among these
+# Bytes a parquet reader fetches at a time. pyarrow's defaults (pre_buffer, or no
+# buffer) fetch a whole column chunk: for one huge row group, as much as the row group.
+READ_BUFFER_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class FileInfo:
     blocks: tuple[int, ...]  # rows per parquet row group, or per .npy block
     npy_header: int = 0  # .npy: byte offset of the first row
     npy_dtype: str = ""
+    # What the listing said at planning; a reader that finds otherwise refuses the file
+    # (it was rewritten, and ``blocks`` may no longer describe it). -1 / "": unknown.
+    size: int = -1
+    version: str = ""  # ETag, generation or mtime (pipelines.io.fingerprint.file_version)
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,10 @@ class Plan:
     files: list[FileInfo]
     dim: int
     value_type: str  # float16 | float32 | float64, as stored
-    id_type: str  # Arrow type of the ids, or "int64" for row numbers
+    id_type: str  # the ids' type as read: int64 (also row numbers), uint64 or string
     empty_files: list[str] = field(default_factory=list)
     skipped_files: list[dict] = field(default_factory=list)  # url, reason, rows (if known)
+    ignored_files: list[str] = field(default_factory=list)  # left out by name: _x, .x
 
     @property
     def total_rows(self) -> int:
@@ -138,28 +148,38 @@ def make_plan(input_url: str, settings: ReadSettings) -> Plan:
     root = resolve(input_url, settings.storage_options)
     root.check_readable()
     with storage_errors(root.url):
-        files = root.files(SUFFIXES)
-    if not files:
-        raise InputError(f"no .parquet or .npy files under {root.url}")
-    kinds = {SUFFIXES[_suffix(f.url)] for f in files}
+        listed, hidden = root.listing(SUFFIXES)
+    ignored = [root.join(rel).url for rel in hidden]
+    if not listed:
+        also = f" ({len(ignored)} left out: names starting with _ or .)" if ignored else ""
+        raise InputError(f"no .parquet or .npy files under {root.url}{also}")
+    files = [(root.join(rel) if rel else root, info) for rel, info in listed]
+    kinds = {SUFFIXES[_suffix(loc.url)] for loc, _ in files}
     if len(kinds) > 1:
         raise InputError(f"{root.url} mixes .parquet and .npy files; use one format")
     fmt = kinds.pop()
     probe = _probe_parquet if fmt == "parquet" else _probe_npy
 
-    def probe_or_skip(loc: Location) -> dict:
+    def probe_or_skip(file: tuple[Location, dict[str, Any]]) -> dict:
+        loc, listed_info = file
         try:
             with storage_errors(loc.url):
-                return probe(loc, settings)
+                info = probe(loc, settings)
         except InputError as e:
             if settings.on_bad_rows != "skip":
                 raise
             return {"url": loc.url, "skip": str(e), "rows": 0}
+        size = listed_info.get("size")
+        info["size"] = -1 if size is None else int(size)
+        info["version"] = file_version(listed_info)
+        return info
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         infos = list(pool.map(probe_or_skip, files))
     skipped = [{"url": i["url"], "reason": i["skip"], "rows": None} for i in infos if "skip" in i]
-    return _assemble(root.url, fmt, [i for i in infos if "skip" not in i], skipped, settings)
+    plan = _assemble(root.url, fmt, [i for i in infos if "skip" not in i], skipped, settings)
+    plan.ignored_files = ignored
+    return plan
 
 
 def _suffix(url: str) -> str:
@@ -210,7 +230,7 @@ def _assemble(
     first = nonempty[0]
     dim = next((i["dim"] for i in nonempty if i["dim"] is not None), None)
     if dim is None:
-        dim = first["first_len"]()
+        dim = first["common_len"]()
     files, offset = [], 0
     for info in nonempty:
         files.append(
@@ -222,6 +242,8 @@ def _assemble(
                 tuple(info["blocks"]),
                 info.get("npy_header", 0),
                 info.get("npy_dtype", ""),
+                info["size"],
+                info["version"],
             )
         )
         offset += info["rows"]
@@ -260,23 +282,13 @@ def _probe_parquet(loc: Location, settings: ReadSettings) -> dict:
     id_type = "int64"
     if settings.id_column:
         t = schema.field(settings.id_column).type
-        if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        id_type = id_family(t)
+        if id_type is None:
             raise InputError(
                 f"{loc.url}: id column {settings.id_column!r} has type {t}; "
                 "expected integers or UTF-8 strings"
             )
-        id_type = str(t)
     blocks = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-
-    def first_len() -> int:  # list<float> carries no dim in the schema: read one value
-        with loc.open() as f:
-            column = pq.ParquetFile(f).read_row_group(0, columns=[settings.embedding_column])
-        lengths = pc.list_value_length(arrow_storage(column.column(0).combine_chunks()))
-        valid = lengths.drop_null()
-        if len(valid) == 0:
-            raise InputError(f"{loc.url}: column {settings.embedding_column!r} has no values")
-        return int(valid[0].as_py())
-
     return {
         "url": loc.url,
         "rows": meta.num_rows,
@@ -284,21 +296,43 @@ def _probe_parquet(loc: Location, settings: ReadSettings) -> dict:
         "dim": dim,
         "value_type": value_type,
         "id_type": id_type,
-        "first_len": first_len,
+        "common_len": lambda: _common_length(loc, settings.embedding_column),
     }
+
+
+def id_family(t: pa.DataType) -> str | None:
+    """The type ids of Arrow type ``t`` are read as (``read.table_to_batch`` casts them):
+    any integer but uint64 as int64, any UTF-8 string (large or dictionary-encoded) as
+    string; None for a type that cannot be an id. Files plan together by family."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "uint64" if pa.types.is_uint64(t) else "int64"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return None
+
+
+def _common_length(loc: Location, column: str) -> int:
+    """The dim of a list<float> column: the commonest length among the first
+    DIM_SAMPLE_ROWS non-null rows (ties: the longest), so that one short or long row
+    is a bad row of its own and not the measure of every other row."""
+    lengths: Counter = Counter()
+    with loc.open() as f:
+        for batch in open_parquet(f).iter_batches(batch_size=1024, columns=[column]):
+            found = pc.list_value_length(arrow_storage(batch.column(0))).drop_null()
+            lengths.update(found.to_numpy().tolist())
+            if lengths.total() >= DIM_SAMPLE_ROWS:
+                break
+    if not lengths:
+        raise InputError(f"{loc.url}: column {column!r} has no values")
+    return max(lengths, key=lambda n: (lengths[n], n))
 
 
 def _probe_npy(loc: Location, settings: ReadSettings) -> dict:
     try:
         with loc.open() as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            header = f.tell()
+            shape, fortran, dtype, header = read_npy_header(f)
     except FileNotFoundError:
         raise InputError(f"{loc.url}: file disappeared while planning") from None
     except (ValueError, OSError, SyntaxError) as e:
@@ -321,6 +355,23 @@ def _probe_npy(loc: Location, settings: ReadSettings) -> dict:
         "npy_header": header,
         "npy_dtype": dtype.str,
     }
+
+
+def open_parquet(f: Any) -> pq.ParquetFile:
+    """A parquet reader over the open file ``f`` whose reads are bounded in size."""
+    return pq.ParquetFile(f, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+
+
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, byte offset of the data) of the .npy file ``f``."""
+    version = np.lib.format.read_magic(f)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(f)
+    return shape, fortran, dtype, f.tell()
 
 
 def embedding_layout(t: pa.DataType, url: str, column: str) -> tuple[int | None, str]:
