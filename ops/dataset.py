@@ -21,6 +21,13 @@ from pseudolabel.ops.stats import PartialStats, partial_stats
 STRATEGIES = ("random", "closest")
 
 
+class EpochLost(RuntimeError):
+    """Raised by ``StreamingData.next_batch_stats`` when part of the epoch's rows can no
+    longer be delivered (a streaming worker was rebuilt and its place in the stream is
+    gone). The loop starts the epoch again from the state it began with, so no epoch
+    silently skips rows."""
+
+
 @runtime_checkable
 class ShardedData(Protocol):
     """What Lloyd's algorithm needs from the data."""
@@ -42,10 +49,13 @@ class ShardedData(Protocol):
 class StreamingData(ShardedData, Protocol):
     """What mini-batch k-means needs in addition: one pass over the data in batches."""
 
-    def start_epoch(self, epoch: int) -> None: ...
+    def start_epoch(self, epoch: int) -> None:
+        """Begin (or, after an ``EpochLost``, begin again) one pass over every row."""
+        ...
 
     def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
-        """Statistics of the next mini-batch, or None once the epoch is exhausted."""
+        """Statistics of the next mini-batch, or None once the epoch is exhausted;
+        raises ``EpochLost`` when the epoch cannot deliver all its rows any more."""
         ...
 
 

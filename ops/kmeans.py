@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pseudolabel.ops.arrays import normalize_rows
-from pseudolabel.ops.dataset import ShardedData, StreamingData
+from pseudolabel.ops.dataset import EpochLost, ShardedData, StreamingData
 from pseudolabel.ops.init import init_sample_size, resolve_init, seed_centroids
 from pseudolabel.ops.stats import PartialStats
 
@@ -206,7 +206,7 @@ def fit(
             state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
             inertia, rows, steps = stats.inertia, stats.n, 1
         else:
-            inertia, rows, steps, n_split = _minibatch_epoch(data, state, params, rng, it, on_step)
+            inertia, rows, steps, n_split = _whole_minibatch_epoch(data, state, params, it, on_step)
         rel = None if not prev else (prev - inertia) / prev
         record = IterationRecord(
             it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps
@@ -220,6 +220,32 @@ def fit(
         if state.converged:
             break
     return state
+
+
+# An epoch lost this many times in a row (each loss a rebuilt worker) ends the fit.
+MAX_EPOCH_RESTARTS = 10
+
+
+def _whole_minibatch_epoch(
+    data: StreamingData,
+    state: KMeansState,
+    params: KMeansParams,
+    epoch: int,
+    on_step: Callable[[KMeansState, int, PartialStats], None] | None,
+) -> tuple[float, int, int, int]:
+    """One mini-batch epoch that saw every row: after an ``EpochLost`` the epoch runs
+    again from the centroids, weights and random stream it started with: no update of
+    the lost attempt survives, and the epoch that counts sees every row once."""
+    centroids, weights = state.centroids.copy(), state.weight_sums.copy()
+    for attempt in range(MAX_EPOCH_RESTARTS + 1):
+        try:
+            rng = rng_for(params.seed, 1, epoch)
+            return _minibatch_epoch(data, state, params, rng, epoch, on_step)
+        except EpochLost:
+            if attempt == MAX_EPOCH_RESTARTS:
+                raise
+            state.centroids, state.weight_sums = centroids.copy(), weights.copy()
+    raise AssertionError("unreachable")
 
 
 def _minibatch_epoch(

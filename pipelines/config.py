@@ -130,6 +130,11 @@ class RunConfig:
     label_batch_rows: int = _opt(65536, "rows per label batch")
     max_restarts: int = _opt(3, "times a lost worker actor is rebuilt before the run fails")
     startup_timeout: float = _opt(600.0, "seconds to wait for workers to start before failing")
+    task_timeout: float = _opt(
+        0.0,
+        "seconds a worker may take to answer one step before the run fails "
+        "(0: from the step's size: 300 s plus 1 s per 5e7 row x centre x dim)",
+    )
     # Ray and storage.
     ray_address: str | None = _opt(
         None,
@@ -164,6 +169,7 @@ class RunConfig:
         _require(self.gpus_per_worker >= 0, "--gpus-per-worker must be >= 0")
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
         _require(self.startup_timeout > 0, "--startup-timeout must be > 0")
+        _require(self.task_timeout >= 0, "--task-timeout must be >= 0")
         _require(self.epsilon > 0, f"--epsilon must be > 0, got {self.epsilon}")
         _require(self.resampling_steps >= 0, "--resampling-steps must be >= 0")
         _require(

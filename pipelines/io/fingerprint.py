@@ -36,6 +36,7 @@ OPERATIONAL = frozenset(
         "label_batch_rows",
         "max_restarts",
         "startup_timeout",
+        "task_timeout",
         "ray_address",
         "ray_num_cpus",
         "storage_options",

@@ -24,6 +24,7 @@ class WorkerSpec:
     max_restarts: int = 3
     batch_rows: int = 16384  # mini-batch rows per step
     startup_timeout: float = 600.0  # seconds to wait for resources and loading
+    task_timeout: float = 0.0  # seconds for one step's answers; 0: from its size
     threads: int | None = None  # faiss threads; None: Ray's OMP_NUM_THREADS
 
     @classmethod
@@ -36,7 +37,44 @@ class WorkerSpec:
             max_restarts=config.max_restarts,
             batch_rows=config.batch_rows,
             startup_timeout=config.startup_timeout,
+            task_timeout=config.task_timeout,
             threads=sizing.worker_threads,
+        )
+
+
+# A step's bound when none is set: a floor for scheduling and transfers, plus a rate
+# far below any CPU's (a faiss search runs at ~1e10 row x centre x dim per second per
+# core): a bound that a slow step never meets but a hung worker always does.
+STEP_FLOOR_S = 300.0
+STEP_RATE = 5e7  # row x centre x dim per second
+
+
+def step_timeout(task_timeout: float, rows: int, k: int, dim: int) -> float:
+    """Seconds to wait for one step over ``rows`` rows per worker against ``k``
+    centres: ``task_timeout`` when set (--task-timeout), else from the step's size."""
+    if task_timeout:
+        return task_timeout
+    return STEP_FLOOR_S + rows * k * dim / STEP_RATE
+
+
+def gather(refs: list, timeout: float, what: str) -> list:
+    """``ray.get(refs)``, or a ResourceError once ``timeout`` seconds pass with answers
+    missing (``wait_all``)."""
+    wait_all(refs, timeout, what)
+    return ray.get(refs)
+
+
+def wait_all(refs: list, timeout: float, what: str) -> None:
+    """Return once every ref is ready (done or failed), or raise a ResourceError after
+    ``timeout`` seconds: a worker on a node that stopped answering (a hung host, a
+    network partition Ray has not noticed) ends the run instead of stalling it forever.
+    The fit's checkpoints stay; a rerun resumes from the last finished iteration."""
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+    if pending:
+        raise ResourceError(
+            f"{len(pending)} of {len(refs)} workers did not answer {what} within "
+            f"{timeout:g} s (--task-timeout): a node may have stopped responding; the "
+            "checkpoint of the last finished iteration is kept, rerun to resume"
         )
 
 

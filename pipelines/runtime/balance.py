@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from pseudolabel.ops.hard_balance import Boundary
+from pseudolabel.pipelines.runtime.actors import gather
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 
 
@@ -27,6 +28,7 @@ class BalanceShards:
         seed: int = 0,
     ):
         self.actors = data.actors
+        self.timeout = data.timeout(len(centroids))  # each step scores rows x k once
         self.rows = data.count()
         problem = {
             "centroids": np.ascontiguousarray(centroids, np.float32),
@@ -36,14 +38,19 @@ class BalanceShards:
             "token": uuid.uuid4().hex,  # workers keep per-problem state under it
         }
         ref = ray.put(problem)
-        self.sample_rows = sum(ray.get([a.balance_sample_size.remote(ref) for a in self.actors]))
+        self.sample_rows = sum(
+            self._gather([a.balance_sample_size.remote(ref) for a in self.actors])
+        )
         self.problem_ref = ray.put({**problem, "rows": self.sample_rows})  # once
         self.stage: tuple = (0, np.zeros(len(centroids)), 1.0)
         self.cached: list[bool] = []
 
+    def _gather(self, refs: list) -> list:
+        return gather(refs, self.timeout, "a balancing step")
+
     def score_moments(self) -> np.ndarray:
         problem = self.problem_ref
-        parts = ray.get([a.sinkhorn_moments.remote(problem) for a in self.actors])
+        parts = self._gather([a.sinkhorn_moments.remote(problem) for a in self.actors])
         self.cached = [cached for _, cached in parts]
         return np.sum([m for m, _ in parts], axis=0)
 
@@ -52,7 +59,7 @@ class BalanceShards:
 
     def column_sums(self, v: np.ndarray) -> np.ndarray:
         problem = self.problem_ref
-        parts = ray.get(
+        parts = self._gather(
             [a.sinkhorn_column_sums.remote(v, problem, self.stage) for a in self.actors]
         )
         total = parts[0].copy()
@@ -63,8 +70,10 @@ class BalanceShards:
     def boundary(self, g: np.ndarray, width: float, wanted: np.ndarray | None = None) -> Boundary:
         problem = self.problem_ref
         return Boundary.merge(
-            ray.get([a.balance_boundary.remote(problem, g, width, wanted) for a in self.actors])
+            self._gather(
+                [a.balance_boundary.remote(problem, g, width, wanted) for a in self.actors]
+            )
         )
 
     def release(self) -> None:
-        ray.get([a.sinkhorn_release.remote() for a in self.actors])
+        self._gather([a.sinkhorn_release.remote() for a in self.actors])

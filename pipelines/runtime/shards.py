@@ -20,7 +20,15 @@ import ray
 from pseudolabel.ops.sampling import cluster_thresholds, smallest
 from pseudolabel.ops.stats import PartialStats, reduce_stats
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
-from pseudolabel.pipelines.runtime.actors import WorkerSpec, start_actor, stop_actors, wait_ready
+from pseudolabel.pipelines.runtime.actors import (
+    WorkerSpec,
+    gather,
+    start_actor,
+    step_timeout,
+    stop_actors,
+    wait_all,
+    wait_ready,
+)
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
 
@@ -36,14 +44,16 @@ def _sum_stats(*parts: PartialStats) -> PartialStats:
     return reduce_stats(list(parts))
 
 
-def tree_reduce(refs: list) -> PartialStats:
-    """Sum statistics refs, REDUCE_FAN_IN at a time, in a fixed (index) order."""
+def tree_reduce(refs: list, timeout: float) -> PartialStats:
+    """Sum statistics refs, REDUCE_FAN_IN at a time, in a fixed (index) order; every
+    worker's answer within ``timeout`` seconds (``actors.gather``)."""
+    wait_all(refs, timeout, "a step's statistics")  # the workers; the sums follow
     while len(refs) > REDUCE_FAN_IN:
         refs = [
             _sum_stats.remote(*refs[i : i + REDUCE_FAN_IN])
             for i in range(0, len(refs), REDUCE_FAN_IN)
         ]
-    return reduce_stats(ray.get(refs))
+    return reduce_stats(gather(refs, timeout, "a step's statistics"))
 
 
 class ResidentShards:
@@ -53,6 +63,11 @@ class ResidentShards:
         self.settings, self.spec = settings, spec
         self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
         self.infos = wait_ready(self.actors, spec)
+
+    def timeout(self, k: int) -> float:
+        """Seconds to wait for one step against ``k`` centres (``actors.step_timeout``)."""
+        rows = max((i["rows"] for i in self.infos), default=0)
+        return step_timeout(self.spec.task_timeout, rows, k, self.settings.dim)
 
     @classmethod
     def from_plan(
@@ -75,11 +90,12 @@ class ResidentShards:
         return self.settings.dim
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        return keyed_sample(self.actors, n, seed, self.settings.dim)
+        return keyed_sample(self.actors, n, seed, self.settings.dim, self.timeout(1))
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
-        return tree_reduce([a.partial_stats.remote(ref) for a in self.actors])
+        refs = [a.partial_stats.remote(ref) for a in self.actors]
+        return tree_reduce(refs, self.timeout(len(centroids)))
 
     def cluster_subset(
         self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int
@@ -88,12 +104,13 @@ class ResidentShards:
         c = np.ascontiguousarray(centroids, np.float32)
         problem = {"centroids": c, "per_cluster": per_cluster, "strategy": strategy, "seed": seed}
         ref = ray.put(problem)
-        parts = ray.get([a.cluster_candidates.remote(ref) for a in self.actors])
+        timeout = self.timeout(len(c))
+        parts = gather([a.cluster_candidates.remote(ref) for a in self.actors], timeout, "a subset")
         labels, keys, rows = (np.concatenate([p[i] for p in parts]) for i in range(3))
         key_t, row_t = cluster_thresholds(labels, keys, rows, len(c), per_cluster)
         selection = {**problem, "key_t": key_t, "row_t": row_t, "token": uuid.uuid4().hex}
         selection_ref = ray.put(selection)
-        counts = ray.get([a.select.remote(selection_ref) for a in self.actors])
+        counts = gather([a.select.remote(selection_ref) for a in self.actors], timeout, "a subset")
         return ShardSubset(self, selection_ref, sum(counts))
 
     def shutdown(self) -> None:
@@ -114,18 +131,22 @@ class ShardSubset:
         return self.shards.dim()
 
     def sample(self, n: int, seed: int) -> np.ndarray:
-        return keyed_sample(self.shards.actors, n, seed, self.dim(), self.selection)
+        timeout = self.shards.timeout(1)
+        return keyed_sample(self.shards.actors, n, seed, self.dim(), timeout, self.selection)
 
     def partial_stats(self, centroids: np.ndarray) -> PartialStats:
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
-        actors = self.shards.actors
-        return tree_reduce([a.partial_stats.remote(ref, self.selection) for a in actors])
+        refs = [a.partial_stats.remote(ref, self.selection) for a in self.shards.actors]
+        return tree_reduce(refs, self.shards.timeout(len(centroids)))
 
 
-def keyed_sample(actors: list, n: int, seed: int, dim: int, selection: Any = None) -> np.ndarray:
+def keyed_sample(
+    actors: list, n: int, seed: int, dim: int, timeout: float, selection: Any = None
+) -> np.ndarray:
     """The n rows with the smallest sampling keys over all workers, in global row order
     (``ops.dataset.ShardedData.sample``): keys first, then only the chosen rows."""
-    parts = ray.get([a.sample_candidates.remote(n, seed, selection) for a in actors])
+    parts = gather([a.sample_candidates.remote(n, seed, selection) for a in actors], timeout,
+                   "a sample")  # fmt: skip
     keys = np.concatenate([p[0] for p in parts])
     rows = np.concatenate([p[1] for p in parts])
     owner = np.concatenate([np.full(len(p[1]), i) for i, p in enumerate(parts)])
@@ -134,7 +155,7 @@ def keyed_sample(actors: list, n: int, seed: int, dim: int, selection: Any = Non
         actors[i].rows_at.remote(np.sort(rows[picked][owner[picked] == i]))
         for i in np.unique(owner[picked])
     ]
-    found = ray.get(refs)
+    found = gather(refs, timeout, "a sample")
     if not found:
         return np.empty((0, dim), np.float32)
     got_rows = np.concatenate([f[0] for f in found])

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data.exceptions import ExecutionTimeoutError
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
@@ -30,7 +31,8 @@ from pseudolabel.pipelines.errors import ResourceError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.layout import load_npy
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
-from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.io.storage import Location, first_line, resolve
+from pseudolabel.pipelines.runtime.actors import step_timeout
 from pseudolabel.pipelines.runtime.roster import join_roster
 from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
 
@@ -76,6 +78,9 @@ class LabelPool:
     num_gpus: float = 0.0
     batch_rows: int = 65536
     startup_timeout: float = 600.0  # seconds for the whole pool to start
+    max_restarts: int = 3  # times each labeler is rebuilt before the pass fails
+    task_timeout: float = 0.0  # seconds without progress before the pass fails; 0: auto
+    k: int = 0  # centres, for the automatic bound
 
     @classmethod
     def of(cls, config: RunConfig, sizing: Sizing) -> LabelPool:
@@ -85,7 +90,17 @@ class LabelPool:
             config.gpus_per_worker,
             config.label_batch_rows,
             config.startup_timeout,
+            config.max_restarts,
+            config.task_timeout,
+            config.k,
         )
+
+    def stall_timeout(self, dim: int) -> float:
+        """Seconds the pass may make no progress (no batch labelled, none moved): one
+        batch's bound (``runtime.actors.step_timeout``), and never less than the pool's
+        start-up allowance, which is waited for first."""
+        step = step_timeout(self.task_timeout, self.batch_rows, self.k, dim)
+        return max(step, self.startup_timeout)
 
 
 def _load(source: ArraySource, storage_options: dict, sha256: str | None = None) -> np.ndarray:
@@ -178,6 +193,9 @@ def label_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=pool.size, max_size=pool.size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
+        # Ray Data rebuilds a dead labeler without end by default: a labeler that keeps
+        # dying (a batch it cannot hold in memory) would loop forever.
+        max_restarts=pool.max_restarts,
     )
 
 
@@ -196,14 +214,30 @@ def label_pass(
     (Ray Data waits for its actors forever by default)."""
     # A Dataset takes a copy of the current DataContext when it is made: set it first.
     context = ray.data.DataContext.get_current()
-    waited = context.wait_for_min_actors_s
+    saved = context.wait_for_min_actors_s, context.execution_no_progress_timeout_s
     context.wait_for_min_actors_s = max(1, math.ceil(pool.startup_timeout))
+    # A labeler that stops answering (a frozen host) stalls the pass: Ray Data ends an
+    # execution that makes no progress for this long (its default: 30 minutes).
+    stall = pool.stall_timeout(plan.dim)
+    context.execution_no_progress_timeout_s = stall
     try:
         dataset = embedding_dataset(plan, settings, ledger=ledger)
         labelled = label_dataset(
             dataset, centroids.url, spec, pool, settings.storage_options, roster
         )
         labelled.write_parquet(staging.path, filesystem=staging.arrow_fs())
+    except ExecutionTimeoutError as e:
+        raise ResourceError(
+            f"the label pass made no progress for {stall:g} s (--task-timeout): a labeler "
+            "or a node may have stopped responding; the fit is checkpointed, rerun to "
+            "label again"
+        ) from e
+    except ray.exceptions.ActorDiedError as e:
+        raise ResourceError(
+            f"labelers died more than --max-restarts {pool.max_restarts} times "
+            f"({first_line(e)}); the fit is checkpointed: rerun to label again, with "
+            "smaller --label-batch-rows if they ran out of memory"
+        ) from e
     except ray.exceptions.GetTimeoutError as e:
         have = ray.available_resources()
         raise ResourceError(
@@ -213,4 +247,4 @@ def label_pass(
             "(lower --label-workers, or let the autoscaler add nodes)"
         ) from e
     finally:
-        context.wait_for_min_actors_s = waited
+        context.wait_for_min_actors_s, context.execution_no_progress_timeout_s = saved

@@ -3,6 +3,7 @@ and mid-label. Every wait is bounded and every process started here is cleaned u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +21,11 @@ import pytest
 import ray
 
 from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.shards import ResidentShards
+from pseudolabel.pipelines.runtime.streaming import StreamingShards
 from tests.data import mixture, write_parquet_shards
 
 BIN = Path(sys.executable).parent
@@ -54,6 +58,62 @@ def test_worker_killed_mid_fit_is_rebuilt(ray_local, small_dataset):
     undisturbed, disturbed = results
     np.testing.assert_allclose(disturbed.centroids, undisturbed.centroids, atol=1e-5)
     assert [r.rows for r in disturbed.history] == [6000] * 8
+
+
+def test_a_worker_that_stops_answering_ends_the_fit_within_the_bound(ray_local, small_dataset):
+    """A worker whose process hangs (SIGSTOP: a frozen host, a partition Ray has not
+    noticed) ends the fit with a clear error once --task-timeout passes, instead of a
+    wait without end; the iterations done before it are checkpointed by the caller."""
+    from pseudolabel.pipelines.errors import ResourceError
+
+    root, _, _ = small_dataset
+    plan = make_plan(str(root), ReadSettings())
+    spec = WorkerSpec("l2", num_cpus=0.5, task_timeout=3)
+    data = ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), spec, 2)
+    victim, done = data.infos[0]["pid"], []
+
+    def on_iteration(state, record):
+        done.append(record.iteration)
+        if record.iteration == 2:
+            os.kill(victim, signal.SIGSTOP)
+
+    params = KMeansParams(k=12, iterations=8, tol=0, seed=4)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ResourceError, match=r"1 of 2 workers did not answer .* within 3 s"):
+            fit(data, params, init_state(data, params)[0], on_iteration)
+        waited = time.monotonic() - t0
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        data.shutdown()
+    assert done == [1, 2] and waited < 30
+
+
+def test_stream_worker_killed_mid_epoch_loses_no_rows(ray_local, small_dataset):
+    """A mini-batch worker killed in the middle of an epoch: Ray rebuilds it, but its
+    place in the stream is gone, so the epoch starts again from its starting state and
+    every epoch still sees every row once."""
+    root, _, _ = small_dataset
+    plan = make_plan(str(root), ReadSettings())
+    settings = ReadSettings(dim=plan.dim)
+    spec = WorkerSpec("l2", num_cpus=0.5, max_restarts=2, batch_rows=300)
+    dataset = embedding_dataset(plan, settings, shuffle_seed=0, rows_per_task=1000)
+    data = StreamingShards(dataset, "embedding", plan.dim, plan.total_rows, spec, 2)
+    victim, killed = data.infos[1]["pid"], []
+
+    def on_step(state, step, stats):
+        if state.iteration == 1 and step == 3 and not killed:
+            os.kill(victim, signal.SIGKILL)  # between two batches of epoch 2
+            killed.append(step)
+
+    params = KMeansParams(k=12, iterations=3, tol=0, seed=4, algorithm="minibatch")
+    try:
+        state = fit(data, params, init_state(data, params)[0], on_step=on_step)
+        pids = [i["pid"] for i in ray.get([a.info.remote() for a in data.actors])]
+    finally:
+        data.shutdown()
+    assert killed and victim not in pids
+    assert [r.rows for r in state.history] == [plan.total_rows] * 3
 
 
 # ---------------------------------------------------------------------- driver killed
@@ -163,3 +223,85 @@ def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path
     assert "fit: complete in checkpoint at iteration 3; not refitting" in log
     manifest = assert_complete(out, rows)
     assert manifest["fit"]["resumed_from_iteration"] == 3
+
+
+# ---------------------------------------------------------------------- label workers
+
+
+def test_a_labeler_that_keeps_dying_stops_the_run(ray_local, small_dataset, tmp_path):
+    """Labelers SIGKILLed again and again (as an OOM killer would): with --max-restarts 1
+    the run stops with one clear error after a bounded number of deaths, instead of
+    rebuilding labelers forever, and nothing is committed."""
+    from ray._private.state import actors  # the GCS's actor table (no dashboard here)
+
+    from pseudolabel.pipelines.commands.run import run
+    from pseudolabel.pipelines.errors import ResourceError
+    from tests.pipelines.conftest import fast_config
+
+    root, _, _ = small_dataset
+    out = tmp_path / "out"
+    kills: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:  # at most 12 deaths: an uncapped pool would outlive them
+        while not stop.is_set() and len(kills) < 12:
+            for actor in actors().values():
+                pid = actor["Pid"]
+                alive = actor["State"] == "ALIVE" and pid and pid not in kills
+                if alive and "Labeler" in actor["ActorClassName"]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ResourceError, match="labelers died"):
+            run(fast_config(input=str(root), output=str(out), k=6, iterations=2, max_restarts=1,
+                            label_batch_rows=200))  # fmt: skip
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert 2 <= len(kills) <= 4, kills
+    assert not (out / "_SUCCESS").exists() and not (out / "labels").exists()
+
+
+def test_a_labeler_that_stops_answering_ends_the_pass_within_the_bound(
+    ray_local, small_dataset, tmp_path
+):
+    """A labeler frozen mid-pass (SIGSTOP) stalls the label pass: it ends with one clear
+    error once no batch moved for max(--task-timeout, --startup-timeout) seconds."""
+    from ray._private.state import actors
+
+    from pseudolabel.pipelines.commands.run import run
+    from pseudolabel.pipelines.errors import ResourceError
+    from tests.pipelines.conftest import fast_config
+
+    root, _, _ = small_dataset
+    stopped: list[int] = []
+    stop = threading.Event()
+
+    def freezer() -> None:
+        while not stop.is_set() and not stopped:
+            for actor in actors().values():
+                if actor["State"] == "ALIVE" and "Labeler" in actor["ActorClassName"]:
+                    os.kill(actor["Pid"], signal.SIGSTOP)
+                    stopped.append(actor["Pid"])
+                    break
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=freezer, daemon=True)
+    thread.start()
+    config = fast_config(input=str(root), output=str(tmp_path / "out"), k=6, iterations=2,
+                         label_batch_rows=200, task_timeout=2, startup_timeout=8)  # fmt: skip
+    try:
+        with pytest.raises(ResourceError, match=r"label pass made no progress for 8 s"):
+            run(config)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert stopped and not (tmp_path / "out" / "_SUCCESS").exists()

@@ -8,12 +8,14 @@ sample from the first batches of epoch 0, which are kept for the first steps.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import ray
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.dataset import EpochLost
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.stats import PartialStats, partial_stats
 from pseudolabel.pipelines.errors import InputError
@@ -30,17 +32,20 @@ class StreamWorker:
         self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
         self._batches = None
         self._pending: list[np.ndarray] = []  # batches read for seeding, not yet used
-        self._epoch: int | None = None
+        # (epoch, attempt) being pulled; None in a fresh actor, including one Ray
+        # rebuilt after a crash, whose predecessor's place in the stream is gone.
+        self._epoch: tuple[int, int] | None = None
 
     def info(self) -> dict:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"rows": 0, "node": node, "device": self.spec.device}
+        return {"rows": 0, "node": node, "pid": os.getpid(), "device": self.spec.device}
 
-    def start_epoch(self, epoch: int) -> None:
-        """Begin pulling this worker's split for ``epoch`` (a no-op if already begun)."""
-        if self._epoch == epoch and self._batches is not None:
+    def start_epoch(self, epoch: int, attempt: int = 0) -> None:
+        """Begin pulling this worker's split for ``epoch`` (a no-op if this attempt at
+        it has begun: seeding begins epoch 0 and keeps its batches for the loop)."""
+        if self._epoch == (epoch, attempt):
             return
-        self._epoch = epoch
+        self._epoch = (epoch, attempt)
         self._pending = []
         self._batches = iter(
             self.stream.iter_batches(
@@ -81,7 +86,7 @@ class StreamWorker:
     def stream_sample(self, n: int, seed: int) -> np.ndarray:
         """A uniform sample of n rows from the first batches of epoch 0, which are kept
         for the first steps: seeding reads nothing extra and skips no row."""
-        self.start_epoch(0)
+        self.start_epoch(0, 0)
         held, rows = [], 0
         while rows < n and (x := self._next_rows()) is not None:
             held.append(x)
@@ -93,8 +98,12 @@ class StreamWorker:
         pick = np.random.default_rng(seed).choice(len(pool), min(n, len(pool)), replace=False)
         return np.asarray(pool[np.sort(pick)], np.float32)
 
-    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats:
-        """Statistics of this worker's next mini-batch; zeros once its split is done."""
+    def next_batch_stats(self, centroids: np.ndarray, epoch: tuple[int, int]) -> PartialStats:
+        """Statistics of this worker's next mini-batch of ``epoch`` (epoch, attempt);
+        zeros once its split is done. A rebuilt actor cannot continue its predecessor's
+        split: ``EpochLost`` tells the driver to start the epoch again."""
+        if self._epoch != tuple(epoch):
+            raise EpochLost(f"stream worker rebuilt during epoch {epoch[0] + 1}")
         x = self._next_rows()
         if x is None:
             k, d = centroids.shape
