@@ -18,7 +18,7 @@ import ray
 from pseudolabel.ops.metrics import scores, size_stats
 from pseudolabel.pipelines.commands.report import write_report
 from pseudolabel.pipelines.config import RunConfig
-from pseudolabel.pipelines.errors import ConfigError, InputError
+from pseudolabel.pipelines.errors import ConfigError, InputError, ResourceError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
 from pseudolabel.pipelines.io.fingerprint import refuse_stale, run_fingerprint
 from pseudolabel.pipelines.io.layout import CENTROIDS, CHECKPOINTS, DUALS, RunOutput
@@ -139,11 +139,11 @@ def _run(
                 config, plan, settings, sizing, output, staging, balance, ledger, roster,
                 centroids_sha256,
             )  # fmt: skip
-        labelers = ray.get(roster.members.remote())
+        labelers = _ask(roster.members.remote(), "roster")
         warn_fallback("label", sizing.device, labelers)
         with _timed("publish", timings):
             staged = staging.files([".parquet"])
-            skipped = dict(ray.get(ledger.by_reason.remote()))
+            skipped = dict(_ask(ledger.by_reason.remote(), "skip ledger"))
             duplicates = drop_duplicate_ids(staged, config.on_bad_rows)
             if duplicates:
                 skipped["duplicate id"] = duplicates
@@ -170,6 +170,21 @@ def _run(
         output.commit(manifest)
     log.info("done: %d rows labelled into %s", written, output.labels.url)
     return manifest
+
+
+# The run's bookkeeping actors (skip ledger, roster) live on the driver's node and do
+# O(blocks) work: a minute without an answer means they are gone or their node hangs.
+BOOKKEEPING_S = 60.0
+
+
+def _ask(ref: Any, actor: str) -> Any:
+    try:
+        return ray.get(ref, timeout=BOOKKEEPING_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ResourceError(
+            f"the run's {actor} did not answer within {BOOKKEEPING_S:g} s: the driver's "
+            "node may have stopped responding; rerun to resume"
+        ) from None
 
 
 def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger):
