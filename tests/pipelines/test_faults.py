@@ -252,14 +252,17 @@ def test_a_labeler_that_keeps_dying_stops_the_run(ray_local, small_dataset, tmp_
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         kills.append(pid)
-            time.sleep(0.2)
+            time.sleep(0.01)  # a fresh labeler is killed before its first batches
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        with pytest.raises(ResourceError, match="labelers died"):
+        # Ray Data notices the pool's last death itself ("labelers died"), or, when a
+        # labeler dies for good between two of its calls, the pass stops moving and the
+        # stall bound ends it: either way one clear error, in bounded time.
+        with pytest.raises(ResourceError, match=r"labelers died|label pass made no progress"):
             run(fast_config(input=str(root), output=str(out), k=6, iterations=2, max_restarts=1,
-                            label_batch_rows=200))  # fmt: skip
+                            startup_timeout=20, task_timeout=5, label_batch_rows=20))  # fmt: skip
     finally:
         stop.set()
         thread.join(timeout=30)
