@@ -12,6 +12,7 @@ and flags given on the command line win. ``python -m pseudolabel`` is the same p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,7 +37,7 @@ def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunCo
     )
     for f in cfg.fields(settings):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = _with_default(f)
         if f.type == "bool":
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -52,6 +53,26 @@ def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunCo
         parser.add_argument(flag, **kwargs)
     if any(f.name == "storage_options" for f in cfg.fields(settings)):
         add_storage_options_file(parser)
+
+
+def _with_default(f: Any) -> str:
+    """A flag's help with what it is when not given: "(required)", or its default
+    (unless the text already says it, as "default: one per CPU" does)."""
+    text = f.metadata.get("help", "")
+    if f.metadata.get("required"):
+        return f"{text} (required)"
+    if "default" in text:
+        return text
+    if f.metadata.get("json"):
+        return text  # options may hold secrets: never echo them, not even a default
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif default is None or default == "":
+        shown = "none"
+    else:
+        shown = default
+    return f"{text} (default: {shown})"
 
 
 def add_storage_options_file(parser: argparse.ArgumentParser) -> None:
@@ -189,41 +210,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_HELP = "only warnings and the summary (before or after the subcommand)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pseudolabel",
         description="Cluster sharded embeddings on Ray and write pseudo-labels.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
+    # -q after the subcommand too; SUPPRESS keeps the top level's value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help=QUIET_HELP)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="fit k-means on the input and label every row")
+    run = sub.add_parser(
+        "run", parents=[common], help="fit k-means on the input and label every row"
+    )
     add_config_flags(run, cfg.RunConfig)
     run.set_defaults(func=cmd_run)
 
     curate = sub.add_parser(
-        "curate", help="hierarchical k-means and a balanced sample of ids (data curation)"
+        "curate",
+        parents=[common],
+        help="hierarchical k-means and a balanced sample of ids (data curation)",
     )
     add_config_flags(curate, cfg.CurateConfig)
     curate.set_defaults(func=cmd_curate)
 
-    train = sub.add_parser("train", help="Ray Train a head on the pseudo-labels of a run")
+    train = sub.add_parser(
+        "train", parents=[common], help="Ray Train a head on the pseudo-labels of a run"
+    )
     add_config_flags(train, cfg.TrainConfig)
     train.set_defaults(func=cmd_train)
 
-    report = sub.add_parser("report", help="write report.html for a finished run, print a summary")
+    report = sub.add_parser(
+        "report", parents=[common], help="write report.html for a finished run, print a summary"
+    )
     report.add_argument("output", metavar="OUTPUT", help="the run's --output")
     report.add_argument("--storage-options", help="fsspec options as JSON")
     add_storage_options_file(report)
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="generate a small sharded dataset and run the whole job")
-    demo.add_argument("--dir", default="demo_output", help="where to write input and output")
-    demo.add_argument("--rows", type=int, default=100_000)
-    demo.add_argument("--dim", type=int, default=64)
-    demo.add_argument("--k", type=int, default=32)
-    demo.add_argument("--shards", type=int, default=8)
-    demo.add_argument("--workers", type=int, default=None)
+    demo = sub.add_parser(
+        "demo", parents=[common], help="generate a small sharded dataset and run the whole job"
+    )
+    demo.add_argument(
+        "--dir",
+        default="demo_output",
+        help="where to write input and output (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--rows", type=int, default=100_000, help="rows to generate (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--dim", type=int, default=64, help="embedding dimension (default: %(default)s)"
+    )
+    demo.add_argument("--k", type=int, default=32, help="clusters (default: %(default)s)")
+    demo.add_argument(
+        "--shards", type=int, default=8, help="parquet files to write (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--workers", type=int, default=None, help="worker actors (default: one per CPU)"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -153,6 +153,7 @@ class RunConfig:
         for name in ("input", "output") if paths else ():
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
+        _require(self.k != 0, "--k is required: the number of clusters")
         _require(self.k >= 1, f"--k must be at least 1, got {self.k}")
         _require(self.iterations >= 1, f"--iterations must be at least 1, got {self.iterations}")
         _require(self.tol >= 0, f"--tol must be >= 0, got {self.tol}")
@@ -269,6 +270,7 @@ class RunConfig:
 class CurateConfig(RunConfig):
     """``pseudolabel curate``: a run at the first level's k, then the levels above it."""
 
+    k: int = _opt(0, "clusters of the first level; default: the first of --levels", metavar="K")
     levels: str = _opt(
         "",
         "clusters per level, shrinking: e.g. 10000,1000,100",

@@ -85,3 +85,46 @@ def test_demo(tmp_path):
     assert float(balanced.split("max/min")[1].split()[0]) <= 1.2
     assert (tmp_path / "run" / "_SUCCESS").exists()
     assert (tmp_path / "run" / "duals.npy").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "curate", "train", "demo"])
+def test_every_option_says_what_it_does_and_what_it_is_when_not_given(command):
+    """Each option of each subcommand has a description, and says "(required)" or its
+    default (storage options excepted: a default there could only be {})."""
+    from pseudolabel.pipelines.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.dest in ("help", "config", "storage_options", "storage_options_file"):
+            continue
+        text = (action.help or "") % {"default": action.default}
+        assert text.strip(), f"{command} {action.option_strings}: no description"
+        if action.dest != "quiet":
+            assert "(required)" in text or "default" in text, f"{action.option_strings}: {text}"
+
+
+def test_required_flags_are_marked_and_a_missing_k_says_so():
+    from pseudolabel.pipelines.cli import build_parser, config_from_args
+    from pseudolabel.pipelines.errors import ConfigError
+
+    parser = build_parser()
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["run"].format_help().split())
+    for flag in ("--input URL", "--output URL", "--k K"):
+        assert f"{flag} " in help_text
+    assert "number of clusters (required)" in help_text
+    assert "--iterations N Lloyd iterations, or mini-batch epochs (at most) (default: 20)" in (
+        help_text
+    )
+    with pytest.raises(ConfigError, match="--k is required"):
+        config_from_args(parser.parse_args(["run", "--input", "a", "--output", "b"]))
+
+
+@pytest.mark.parametrize(
+    "argv", [["-q", "report", "out"], ["report", "-q", "out"], ["report", "out", "--quiet"]]
+)
+def test_quiet_before_or_after_the_subcommand(argv):
+    from pseudolabel.pipelines.cli import build_parser
+
+    assert build_parser().parse_args(argv).quiet is True
+    assert build_parser().parse_args(["report", "out"]).quiet is False
