@@ -46,8 +46,8 @@ ZERO_ROW = "all-zero embedding (spherical)"
 # rows (256 MiB) at a time. Equal to NPY_BLOCK_ROWS, so a .npy block is one piece.
 SLICE_ROWS = NPY_BLOCK_ROWS
 # pyarrow decodes a list column with ~5x a batch in buffers: it decodes quarter slices,
-# joined into a slice. Measured on a 1Mi x 256 float32 row group (1 GiB): peak RSS
-# 3.8 GiB when read whole, 0.56 GiB in slices.
+# joined into a slice. On a 1Mi x 256 float32 row group (1 GiB), peak RSS 3.5 GiB
+# read whole, 0.56 GiB in slices (python -m bench.row_groups).
 READ_BATCH_ROWS = SLICE_ROWS // 4
 CHANGED = "file changed after planning"
 
