@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from pseudolabel.pipelines import config as cfg
-from pseudolabel.pipelines.errors import PseudolabelError
+from pseudolabel.pipelines.errors import ConfigError, PseudolabelError
 
 log = logging.getLogger("pseudolabel")
 
@@ -99,8 +99,6 @@ def storage_options_from(args: argparse.Namespace) -> dict[str, Any] | None:
 
     import yaml
 
-    from pseudolabel.pipelines.errors import ConfigError
-
     layers: list[tuple[str, Any]] = []
     if os.environ.get(STORAGE_OPTIONS_ENV):
         layers.append((f"${STORAGE_OPTIONS_ENV}", os.environ[STORAGE_OPTIONS_ENV]))
@@ -141,6 +139,9 @@ def config_from_args(args: argparse.Namespace, settings: type = cfg.RunConfig):
     options: <- $PSEUDOLABEL_STORAGE_OPTIONS <- --storage-options-file <- the flag)."""
     values = cfg.load_yaml(args.config, settings) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in cfg.fields(settings)}
+    for f in cfg.fields(settings):  # before any check of the value a default would fail
+        if f.metadata.get("required") and overrides[f.name] is None and f.name not in values:
+            raise ConfigError(f"--{f.name.replace('_', '-')} is required: {f.metadata['help']}")
     if "storage_options" in overrides:
         overrides["storage_options"] = storage_options_from(args)
     return cfg.build_config(settings, values, **overrides)

@@ -153,7 +153,6 @@ class RunConfig:
         for name in ("input", "output") if paths else ():
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
-        _require(self.k != 0, "--k is required: the number of clusters")
         _require(self.k >= 1, f"--k must be at least 1, got {self.k}")
         _require(self.iterations >= 1, f"--iterations must be at least 1, got {self.iterations}")
         _require(self.tol >= 0, f"--tol must be >= 0, got {self.tol}")

@@ -78,9 +78,17 @@ def _plan(cfg: TrainConfig, extra_columns: tuple[str, ...] = ()) -> tuple:
     return plan, dataclasses.replace(settings, dim=plan.dim, dtype="float32")
 
 
-def joined_dataset(cfg: TrainConfig, labels_url: str, columns: list[str]) -> tuple:
-    """(embeddings joined to the label columns by id, materialised; dim)."""
-    plan, settings = _plan(cfg)
+def joined_dataset(
+    cfg: TrainConfig, labels_url: str, columns: list[str], input_columns: tuple[str, ...] = ()
+) -> tuple:
+    """(embeddings, with ``input_columns`` of the input, joined to the label columns by
+    id, materialised; dim)."""
+    plan, settings = _plan(cfg, extra_columns=input_columns)
+    if input_columns and plan.fmt != "parquet":
+        raise ConfigError(
+            f"--truth-column {input_columns[0]!r}: .npy input holds no columns; run "
+            f"`pseudolabel run` with --truth-column to carry it into the labels"
+        )
     labels_root = resolve(labels_url, cfg.storage_options).join(LABELS)
     labels = ray.data.read_parquet(
         labels_root.path, filesystem=labels_root.arrow_fs(), columns=["id", *columns]
@@ -290,17 +298,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     columns = [cfg.label_column]
     if cfg.compare and "nearest" in manifest["clusters"]:
         columns.append("nearest_label")
-    if cfg.truth_column:
-        if manifest["config"].get("truth_column") != cfg.truth_column:
-            raise ConfigError(
-                f"--labels {run_out.root.url} holds no {cfg.truth_column!r} column: run "
-                f"`pseudolabel run` with --truth-column {cfg.truth_column}"
-            )
+    # The truth comes with the labels when the run carried it, else from the input.
+    from_input: tuple[str, ...] = ()
+    if cfg.truth_column and manifest["config"].get("truth_column") == cfg.truth_column:
         columns.append(cfg.truth_column)
+    elif cfg.truth_column:
+        from_input = (cfg.truth_column,)
     out = resolve(cfg.output, cfg.storage_options)
     fingerprint = train_fingerprint(cfg, manifest)
     claim_output(out, fingerprint, cfg.overwrite)
-    joined, dim = joined_dataset(cfg, cfg.labels, columns)
+    joined, dim = joined_dataset(cfg, cfg.labels, columns, from_input)
     classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
 
     main = train_head(cfg, splits(joined, cfg, cfg.label_column), "head", dim, k, classes)

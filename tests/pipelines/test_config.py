@@ -50,8 +50,7 @@ def test_bad_yaml(tmp_path):
     "overrides, message",
     [
         ({"output": ""}, "--output is required"),
-        ({"k": 0}, "--k is required"),
-        ({"k": -2}, "--k must be at least 1, got -2"),
+        ({"k": 0}, "--k must be at least 1"),
         ({"topk": 9}, "--topk 9 exceeds --k 3"),
         ({"workers": 0}, "--workers must be at least 1"),
         ({"algorithm": "dbscan"}, "algorithm must be one of"),

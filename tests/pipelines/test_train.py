@@ -103,3 +103,24 @@ def test_train_output_is_claimed_by_its_fingerprint(tmp_path):
 def test_compare_needs_a_truth_column(labelled, tmp_path):
     with pytest.raises(ConfigError, match="--compare needs --truth-column"):
         train(config(labelled, tmp_path / "x", compare=True, truth_column=None))
+
+
+def test_truth_comes_from_the_input_when_the_labels_lack_it(ray_local, labelled, tmp_path):
+    """A run without --truth-column: training with one reads it from the input (joined by
+    id, so each row gets its own class)."""
+    from pseudolabel.pipelines.commands.train import joined_dataset
+
+    run(fast_config(input=str(labelled / "in"), output=str(tmp_path / "plain"), k=8,
+                    iterations=2))  # fmt: skip
+    cfg = config(labelled, tmp_path / "head", labels=str(tmp_path / "plain"))
+    joined, dim = joined_dataset(cfg, cfg.labels, ["label"], ("truth",))
+    rows = joined.take_all()
+    truth = {r["id"]: r["truth"] for r in labelled_truth(labelled)}
+    assert dim == 16 and len(rows) == len(truth) == 4000
+    assert all(r["truth"] == truth[r["id"]] for r in rows)
+
+
+def labelled_truth(root):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(root / "in", columns=["id", "truth"]).to_pylist()
