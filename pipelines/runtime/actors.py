@@ -90,6 +90,17 @@ def start_actor(actor_class: type, spec: WorkerSpec, *args: Any) -> Any:
     return options.remote(*args)
 
 
+def not_started(who: str, timeout: float, cpus: float, gpus: float, flag: str) -> ResourceError:
+    """The error for actors (``who``) that did not start within ``timeout`` seconds: what
+    each asked for, what the cluster has free, and the flag that asks for fewer."""
+    have = ray.available_resources()
+    return ResourceError(
+        f"{who} did not start within {timeout:g} s; each needs {cpus:g} CPU and {gpus:g} "
+        f"GPU, the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU "
+        f"free (lower {flag}, or let the autoscaler add nodes)"
+    )
+
+
 def wait_ready(actors: list, spec: WorkerSpec) -> list[dict]:
     """The actors' ``info()``, or a clear error instead of waiting forever for resources
     (the actors are stopped then)."""
@@ -97,13 +108,12 @@ def wait_ready(actors: list, spec: WorkerSpec) -> list[dict]:
     try:
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=spec.startup_timeout)
         if pending:
-            have = ray.available_resources()
-            raise ResourceError(
-                f"{len(pending)} of {len(refs)} workers did not start within "
-                f"{spec.startup_timeout:g} s; each needs {spec.num_cpus:g} CPU "
-                f"and {spec.num_gpus:g} GPU, the cluster has "
-                f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU free "
-                "(lower --workers, or let the autoscaler add nodes)"
+            raise not_started(
+                f"{len(pending)} of {len(refs)} workers",
+                spec.startup_timeout,
+                spec.num_cpus,
+                spec.num_gpus,
+                "--workers",
             )
         return ray.get(refs)
     except BaseException:

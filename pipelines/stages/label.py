@@ -32,7 +32,7 @@ from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.layout import load_npy
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
 from pseudolabel.pipelines.io.storage import Location, first_line, resolve
-from pseudolabel.pipelines.runtime.actors import step_timeout
+from pseudolabel.pipelines.runtime.actors import not_started, step_timeout
 from pseudolabel.pipelines.runtime.roster import join_roster
 from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
 
@@ -239,12 +239,12 @@ def label_pass(
             "smaller --label-batch-rows if they ran out of memory"
         ) from e
     except ray.exceptions.GetTimeoutError as e:
-        have = ray.available_resources()
-        raise ResourceError(
-            f"the {pool.size} labelers did not start within {pool.startup_timeout:g} s; "
-            f"each needs {pool.num_cpus:g} CPU and {pool.num_gpus:g} GPU, the cluster has "
-            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU free "
-            "(lower --label-workers, or let the autoscaler add nodes)"
+        raise not_started(
+            f"the {pool.size} labelers",
+            pool.startup_timeout,
+            pool.num_cpus,
+            pool.num_gpus,
+            "--label-workers",
         ) from e
     finally:
         context.wait_for_min_actors_s, context.execution_no_progress_timeout_s = saved
