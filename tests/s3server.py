@@ -43,6 +43,9 @@ class FaultProxy:
         self.stall_seconds = 0.0
         self.stalled = 0
         self.requests = 0
+        # Called with the request path before a GET is forwarded: a test's way to change
+        # an object between a client's HEAD and its GET.
+        self.before_get = None
         self.lock = threading.Lock()
         proxy = self
 
@@ -74,6 +77,8 @@ class FaultProxy:
                     return self._reply(403, BAD_KEY)
                 if fail:
                     return self._reply(503, SLOW_DOWN)
+                if self.command == "GET" and proxy.before_get is not None:
+                    proxy.before_get(self.path)
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 headers["Host"] = f"127.0.0.1:{proxy.upstream_port}"

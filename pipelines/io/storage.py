@@ -91,8 +91,10 @@ class Location:
         return self.fs.exists(self.path)
 
     def read_bytes(self) -> bytes:
-        with self.fs.open(self.path, "rb") as f:
-            return f.read()
+        # One whole-object GET. Not ``fs.open``: s3fs's file object pins the ETag from its
+        # HEAD and its ranged GETs fail (412, FileExpired) if the object is rewritten in
+        # between, as a lease heartbeat does.
+        return self.fs.cat_file(self.path)
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole object. On a local disk: a temporary file, then an atomic rename

@@ -55,6 +55,7 @@ def bucket(s3):
     def calm():
         s3.proxy.fail_next, s3.proxy.failed, s3.proxy.deny_key = 0, 0, None
         s3.proxy.stall_next, s3.proxy.stalled, s3.proxy.fail_every = 0, 0, 0
+        s3.proxy.before_get = None
 
     calm()  # faults a test injected end with it, before and after
     name = f"bucket-{uuid.uuid4().hex[:10]}"

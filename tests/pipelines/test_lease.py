@@ -83,6 +83,24 @@ def test_exclusive_create_on_s3(s3, bucket):
         Lease(root).acquire()
 
 
+def test_a_lease_renewed_while_it_is_read_is_read_whole(s3, bucket):
+    """The lease's heartbeat rewrites it at any moment. A reader that pinned the ETag of a
+    HEAD and then sent a conditional GET got 412 (s3fs FileExpired): the CI failure of
+    stop 22. Here the object changes between the client's first look and its GET."""
+    root = resolve(f"s3://{bucket}/runs/renewed", s3.options())
+    loc = root.join(LEASE)
+    loc.write_bytes(b'{"renewed": "first"}')
+    upstream = s3.fs()  # same server, through the proxy; the hook runs before forwarding
+
+    def renew(path: str) -> None:
+        if path.endswith(LEASE) and s3.proxy.before_get is not None:
+            s3.proxy.before_get = None  # once, and not for our own PUT's internals
+            upstream.pipe_file(loc.path, b'{"renewed": "second"}')
+
+    s3.proxy.before_get = renew
+    assert loc.read_bytes() == b'{"renewed": "second"}'
+
+
 def test_run_refuses_an_output_another_run_is_writing(ray_local, tmp_path):
     x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
     write_parquet_shards(tmp_path / "in", x, 1)
