@@ -12,7 +12,9 @@ under ``OUTPUT/_train/<name>``: a rerun with the same output resumes from the la
     OUTPUT/_SUCCESS              written last
 
 With a truth column, ``--compare`` also trains heads on the nearest-centroid labels and
-on random labels, and scores every head's features with a linear probe on the truth.
+on random labels (together, in one more Ray Train run), and scores every head's
+features with a linear probe on the truth. The truth's classes are not counted first:
+each worker's confusion table widens as class ids turn up.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +42,9 @@ from pseudolabel.pipelines.io.fingerprint import refuse_stale, settings_fingerpr
 from pseudolabel.pipelines.io.layout import LABELS, SUCCESS, RunOutput
 from pseudolabel.pipelines.io.plan import SUFFIXES, make_plan
 from pseudolabel.pipelines.io.storage import Location, resolve
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("pseudolabel")
 
@@ -58,16 +63,18 @@ def _split(
     batch: dict[str, np.ndarray],
     heldout: bool,
     fraction: float,
-    label_column: str,
-    random_k: int,
+    targets: dict[str, tuple[str, int]],
 ) -> dict[str, np.ndarray]:
-    """map_batches: keep the held-out rows (or the others) and add the target column."""
+    """map_batches: keep the held-out rows (or the others) and add one column per head
+    to train: ``targets`` maps it to (label column, 0), or to ("", k) for the baseline, a
+    random label in [0, k) per id, fixed across epochs and runs."""
     keep = (_crc(batch["id"]) < fraction * 2**32) == heldout
     out = {k: v[keep] for k, v in batch.items()}
-    if random_k:  # the baseline: a random label per id, fixed across epochs
-        out["target"] = (_crc(out["id"], b"random") % random_k).astype(np.int64)
-    else:
-        out["target"] = out[label_column].astype(np.int64)
+    for name, (label_column, random_k) in targets.items():
+        if random_k:
+            out[name] = (_crc(out["id"], b"random") % random_k).astype(np.int64)
+        else:
+            out[name] = out[label_column].astype(np.int64)
     return out
 
 
@@ -99,19 +106,15 @@ def joined_dataset(
     return joined.materialize(), plan.dim
 
 
-def splits(joined, cfg: TrainConfig, label_column: str, random_k: int = 0) -> dict:
-    """Train and held-out parts. Plain tasks with half a CPU: beside the Train workers
-    they never hold a CPU between batches, so the pass cannot wait on itself."""
+def splits(joined, cfg: TrainConfig, targets: dict[str, tuple[str, int]]) -> dict:
+    """Train and held-out parts, with a target column per head (see ``_split``). Plain
+    tasks with half a CPU: beside the Train workers they never hold a CPU between
+    batches, so the pass cannot wait on itself."""
 
     def part(heldout: bool):
         return joined.map_batches(
             _split,
-            fn_kwargs={
-                "heldout": heldout,
-                "fraction": cfg.heldout,
-                "label_column": label_column,
-                "random_k": random_k,
-            },
+            fn_kwargs={"heldout": heldout, "fraction": cfg.heldout, "targets": targets},
             batch_format="numpy",
             num_cpus=0.5,
         )
@@ -122,9 +125,24 @@ def splits(joined, cfg: TrainConfig, label_column: str, random_k: int = 0) -> di
 # ------------------------------------------------------------------------- training
 
 
+def _truth_table(table: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Add (pred, truth) counts to a (k, classes) table, widened when a larger class
+    id turns up: the classes need not be counted before training."""
+    import torch
+
+    if len(truth) and int(truth.min()) < 0:
+        raise ValueError(f"the truth column holds a negative class id ({int(truth.min())})")
+    classes = int(truth.max()) + 1 if len(truth) else 0
+    if classes > table.shape[1]:
+        table = torch.nn.functional.pad(table, (0, classes - table.shape[1]))
+    table.index_put_((pred, truth), torch.ones(len(pred), dtype=table.dtype), accumulate=True)
+    return table
+
+
 def _train_loop(loop: dict) -> None:
-    """Every Ray Train worker: epochs over its shard, held-out metrics summed over all
-    workers, a checkpoint (model, optimiser, epoch, history) from rank 0."""
+    """Every Ray Train worker: one head per target column, trained on the same batches;
+    epochs over its shard, held-out metrics summed over all workers, a checkpoint (each
+    head's model and optimiser, and its history) from rank 0."""
     import os
 
     import ray.train
@@ -135,76 +153,98 @@ def _train_loop(loop: dict) -> None:
     from pseudolabel.ops.metrics import matched_accuracy
     from pseudolabel.ops.probe import make_head
 
-    torch.manual_seed(loop["seed"])
-    model = ray.train.torch.prepare_model(
-        make_head(loop["dim"], loop["k"], loop["head"], loop["hidden"])
-    )
-    inner = model.module if hasattr(model, "module") else model  # unwrapped from DDP
-    opt = torch.optim.Adam(model.parameters(), lr=loop["lr"])
-    history: list = []
+    targets, truth_column = loop["targets"], loop["truth_column"]
+    distributed = dist.is_available() and dist.is_initialized()
+    models, opts = {}, {}
+    for t in targets:
+        torch.manual_seed(loop["seed"])  # every head starts from the same weights
+        models[t] = ray.train.torch.prepare_model(
+            make_head(loop["dim"], loop["k"], loop["head"], loop["hidden"])
+        )
+        opts[t] = torch.optim.Adam(models[t].parameters(), lr=loop["lr"])
+
+    def inner(t: str) -> torch.nn.Module:  # unwrapped from DDP
+        return getattr(models[t], "module", models[t])
+
+    history: dict[str, list] = {t: [] for t in targets}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-        inner.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-    resumed_from = len(history)
+        for t in targets:
+            inner(t).load_state_dict(state["models"][t])
+            opts[t].load_state_dict(state["optimizers"][t])
+            history[t] = list(state["history"][t])
+    done = len(history[targets[0]])
     train, heldout = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
-    for epoch in range(len(history), loop["epochs"]):
-        model.train()
-        total = torch.zeros(2, dtype=torch.float64)
+    for epoch in range(done, loop["epochs"]):
+        total = {t: torch.zeros(2, dtype=torch.float64) for t in targets}
+        for model in models.values():
+            model.train()
         for batch in train.iter_torch_batches(
             batch_size=loop["batch_size"],
             local_shuffle_buffer_size=4 * loop["batch_size"],
             local_shuffle_seed=loop["seed"] + epoch,
         ):
-            logits = model(batch["embedding"].float())
-            loss = torch.nn.functional.cross_entropy(logits, batch["target"].long())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64)
-        model.eval()
-        agree = torch.zeros(2, dtype=torch.float64)
-        table = torch.zeros((loop["k"], max(loop["classes"], 1)), dtype=torch.float64)
+            x = batch["embedding"].float()
+            for t in targets:
+                logits = models[t](x)
+                loss = torch.nn.functional.cross_entropy(logits, batch[t].long())
+                opts[t].zero_grad()
+                loss.backward()
+                opts[t].step()
+                total[t] += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+        agree = {t: torch.zeros(2, dtype=torch.float64) for t in targets}
+        tables = {t: torch.zeros((loop["k"], 0), dtype=torch.float64) for t in targets}
         with torch.no_grad():
+            for model in models.values():
+                model.eval()
             for batch in heldout.iter_torch_batches(batch_size=4096):
-                pred = model(batch["embedding"].float()).argmax(1)
-                agree += torch.tensor(
-                    [(pred == batch["target"]).sum().item(), len(pred)], dtype=torch.float64
-                )
-                if loop["classes"]:
-                    truth = batch[loop["truth_column"]].long()
-                    table.index_put_(
-                        (pred, truth), torch.ones(len(pred), dtype=torch.float64), accumulate=True
+                x = batch["embedding"].float()
+                for t in targets:
+                    pred = models[t](x).argmax(1)
+                    agree[t] += torch.tensor(
+                        [(pred == batch[t]).sum().item(), len(pred)], dtype=torch.float64
                     )
-        if dist.is_available() and dist.is_initialized():
-            for t in (total, agree, table):
-                dist.all_reduce(t)
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": float(total[0] / max(total[1], 1)),
-            "heldout_agreement": float(agree[0] / max(agree[1], 1)),
-            "heldout_rows": int(agree[1]),
-            "resumed_from_epoch": resumed_from,
-        }
-        if loop["classes"]:
-            metrics["heldout_accuracy"] = matched_accuracy(table.numpy())
-        history.append(metrics)
+                    if truth_column:
+                        truth = batch[truth_column].long()
+                        tables[t] = _truth_table(tables[t], pred, truth)
+        if distributed:
+            for t in targets:
+                dist.all_reduce(total[t])
+                dist.all_reduce(agree[t])
+                if truth_column:  # the widest table of any worker, then the sum
+                    width = torch.tensor([tables[t].shape[1]])
+                    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+                    pad = int(width) - tables[t].shape[1]
+                    tables[t] = torch.nn.functional.pad(tables[t], (0, pad)).contiguous()
+                    dist.all_reduce(tables[t])
+        report: dict[str, Any] = {"epoch": epoch + 1}
+        for t in targets:
+            metrics = {
+                "epoch": epoch + 1,
+                "loss": float(total[t][0] / max(total[t][1], 1)),
+                "heldout_agreement": float(agree[t][0] / max(agree[t][1], 1)),
+                "heldout_rows": int(agree[t][1]),
+                "resumed_from_epoch": done,
+            }
+            if truth_column and tables[t].sum() > 0:
+                metrics["heldout_accuracy"] = matched_accuracy(tables[t].numpy())
+            history[t].append(metrics)
+            report.update({f"{t}/{m}": v for m, v in metrics.items() if m != "epoch"})
         with tempfile.TemporaryDirectory() as d:
             saved = None
             if ray.train.get_context().get_world_rank() == 0:
                 torch.save(
                     {
-                        "model": inner.state_dict(),
-                        "optimizer": opt.state_dict(),
+                        "models": {t: inner(t).state_dict() for t in targets},
+                        "optimizers": {t: opts[t].state_dict() for t in targets},
                         "history": history,
                     },
                     os.path.join(d, "state.pt"),
                 )
                 saved = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=saved)
+            ray.train.report(report, checkpoint=saved)
 
 
 @dataclass
@@ -213,10 +253,11 @@ class HeadResult:
     state: dict[str, Any]  # the head's state_dict (tensors)
 
 
-def train_head(
-    cfg: TrainConfig, data: dict, name: str, dim: int, k: int, classes: int
-) -> HeadResult:
-    """One head, with Ray Train; resumable under OUTPUT/_train/<name>."""
+def train_heads(
+    cfg: TrainConfig, joined, targets: dict[str, tuple[str, int]], name: str, dim: int, k: int
+) -> dict[str, HeadResult]:
+    """One head per entry of ``targets`` (see ``_split``), trained together in one Ray
+    Train run on the same batches; resumable under OUTPUT/_train/<name>."""
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -233,7 +274,7 @@ def train_head(
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
-            "classes": classes,
+            "targets": list(targets),
             "truth_column": cfg.truth_column,
         },
         scaling_config=ScalingConfig(
@@ -247,21 +288,31 @@ def train_head(
             storage_filesystem=storage.arrow_fs(),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=data,
+        datasets=splits(joined, cfg, targets),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(f"{d}/state.pt", weights_only=True)
-    last = state["history"][-1]
-    log.info(
-        "train[%s]: %d epochs, loss %.4f, held-out agreement %.3f%s",
-        name,
-        last["epoch"],
-        last["loss"],
-        last["heldout_agreement"],
-        f", accuracy vs truth {last['heldout_accuracy']:.3f}" if "heldout_accuracy" in last else "",
-    )
-    return HeadResult(list(state["history"]), state["model"])
+    heads = {}
+    for t in targets:
+        last = state["history"][t][-1]
+        log.info(
+            "train[%s]: %d epochs, loss %.4f, held-out agreement %.3f%s",
+            t if len(targets) > 1 else name,
+            last["epoch"],
+            last["loss"],
+            last["heldout_agreement"],
+            f", accuracy vs truth {last['heldout_accuracy']:.3f}"
+            if "heldout_accuracy" in last
+            else "",
+        )
+        heads[t] = HeadResult(list(state["history"][t]), state["models"][t])
+    return heads
+
+
+def train_head(cfg: TrainConfig, joined, label_column: str, name: str, dim: int, k: int):
+    """The head on ``label_column``: a run of ``train_heads`` with one target."""
+    return train_heads(cfg, joined, {"target": (label_column, 0)}, name, dim, k)["target"]
 
 
 def _head_module(state: dict, kind: str, hidden: int, dim: int, k: int):
@@ -308,9 +359,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     fingerprint = train_fingerprint(cfg, manifest)
     claim_output(out, fingerprint, cfg.overwrite)
     joined, dim = joined_dataset(cfg, cfg.labels, columns, from_input)
-    classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
-
-    main = train_head(cfg, splits(joined, cfg, cfg.label_column), "head", dim, k, classes)
+    main = train_head(cfg, joined, cfg.label_column, "head", dim, k)
     _save_head(out, cfg, main.state, dim, k)
     metrics: dict[str, Any] = {
         "labels": run_out.root.url,
@@ -324,7 +373,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         },
     }
     if cfg.compare:
-        metrics["comparison"] = _compare(cfg, joined, main, dim, k, classes, columns)
+        metrics["comparison"] = _compare(cfg, joined, main, dim, k, columns)
     if cfg.rounds:
         metrics["rounds"] = _rounds(cfg, manifest, main, dim, k)
     metrics["fingerprint"] = fingerprint
@@ -384,7 +433,7 @@ def claim_output(out: Location, fingerprint: dict[str, Any], overwrite: bool) ->
     out.join(*TRAIN_FINGERPRINT).write_bytes(json.dumps(fingerprint).encode())
 
 
-def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:
+def _compare(cfg, joined, main: HeadResult, dim, k, columns) -> dict:
     """Probe accuracy on the truth of each head's features: pseudo-labels, nearest
     labels, random labels, and the raw embeddings for reference."""
     from pseudolabel.ops.probe import head_features, linear_probe
@@ -393,16 +442,13 @@ def _compare(cfg, joined, main: HeadResult, dim, k, classes, columns) -> dict:
         batch = part.limit(PROBE_ROWS).take_batch(PROBE_ROWS, batch_format="numpy")
         return np.asarray(batch["embedding"], np.float32), batch[cfg.truth_column]
 
-    base = splits(joined, cfg, cfg.label_column)
+    base = splits(joined, cfg, {})
     (xt, yt), (xh, yh) = fetch(base["train"]), fetch(base["heldout"])
-    heads = {cfg.label_column: main}
+    # The other heads train together, in one Ray Train run: one start-up, one read.
+    others = {"random": ("", k)}
     if "nearest_label" in columns and cfg.label_column != "nearest_label":
-        heads["nearest_label"] = train_head(
-            cfg, splits(joined, cfg, "nearest_label"), "head-nearest", dim, k, classes
-        )
-    heads["random"] = train_head(
-        cfg, splits(joined, cfg, cfg.label_column, random_k=k), "head-random", dim, k, classes
-    )
+        others["nearest_label"] = ("nearest_label", 0)
+    heads = {cfg.label_column: main, **train_heads(cfg, joined, others, "head-compare", dim, k)}
     report = {"raw_embeddings": {"probe_accuracy": linear_probe(xt, yt, xh, yh)}}
     for name, result in heads.items():
         head = _head_module(result.state, cfg.head, cfg.hidden, dim, k)
@@ -456,8 +502,7 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
         joined, _ = joined_dataset(
             cfg, run_url, [cfg.label_column] + ([cfg.truth_column] if cfg.truth_column else [])
         )
-        classes = int(joined.max(cfg.truth_column)) + 1 if cfg.truth_column else 0
-        head = train_head(cfg, splits(joined, cfg, cfg.label_column), f"round-{r}", dim, k, classes)
+        head = train_head(cfg, joined, cfg.label_column, f"round-{r}", dim, k)
         state = head.state
         rounds.append(
             {

@@ -124,3 +124,19 @@ def labelled_truth(root):
     import pyarrow.parquet as pq
 
     return pq.read_table(root / "in", columns=["id", "truth"]).to_pylist()
+
+
+def test_truth_table_widens_as_classes_turn_up():
+    """Train workers count (prediction, truth) without knowing the classes beforehand."""
+    import torch
+
+    from pseudolabel.pipelines.commands.train import _truth_table
+
+    table = torch.zeros((3, 0), dtype=torch.float64)
+    table = _truth_table(table, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    table = _truth_table(table, torch.tensor([2, 2, 0]), torch.tensor([4, 4, 0]))
+    expected = np.zeros((3, 5))
+    expected[0, 0], expected[1, 1], expected[2, 4] = 2, 1, 2
+    np.testing.assert_array_equal(table.numpy(), expected)
+    with pytest.raises(ValueError, match="negative class id"):
+        _truth_table(table, torch.tensor([0]), torch.tensor([-1]))
