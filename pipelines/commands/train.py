@@ -340,7 +340,14 @@ def _save_head(root: Location, cfg: TrainConfig, state: dict, dim: int, k: int) 
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    from pseudolabel.pipelines.runtime.session import ray_session
+
     cfg.validate()
+    with ray_session(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     run_out = RunOutput(resolve(cfg.labels, cfg.storage_options))
     if not run_out.committed():
         raise InputError(f"--labels {run_out.root.url} has no _SUCCESS: not a finished run")

@@ -31,19 +31,17 @@ class SkipLedger:
 
 
 def start_ledger() -> Any:
-    """A ``SkipLedger`` actor: no CPU of its own, and not restarted (a lost ledger fails
-    the run's row check rather than undercounting); on the driver's node, which lives as
-    long as the run (an autoscaled worker node may not)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """A ``SkipLedger`` actor (``runtime.bookkeeping``): on the driver's node, which lives
+    as long as the run; not restarted (a lost ledger fails the run's row check rather
+    than undercounting)."""
+    from pseudolabel.pipelines.runtime.bookkeeping import start_bookkeeper
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    options = {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": here}
-    return ray.remote(**options)(SkipLedger).remote()
+    return start_bookkeeper(SkipLedger, "skip-ledger")
 
 
 def report_skips(ledger: Any, batch: Batch) -> None:
-    """Send a batch's skip counts to ``ledger`` (an actor handle, a SkipLedger or None),
+    """Send a batch's skip counts to ``ledger`` (an actor handle or name, a SkipLedger or
+    None),
     waiting for the answer: a reader's counts are recorded before its rows are used."""
     if ledger is None or not batch.skipped:
         return
@@ -52,4 +50,6 @@ def report_skips(ledger: Any, batch: Batch) -> None:
         return
     import ray
 
-    ray.get(ledger.record.remote(batch.block, dict(batch.skipped)))
+    from pseudolabel.pipelines.runtime.bookkeeping import resolve
+
+    ray.get(resolve(ledger).record.remote(batch.block, dict(batch.skipped)))

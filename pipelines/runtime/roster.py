@@ -28,19 +28,15 @@ class Roster:
 
 
 def start_roster() -> Any:
-    """A ``Roster`` actor with no CPU of its own, on the driver's node: a node that the
-    autoscaler may remove must not take the run's bookkeeping with it."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """A ``Roster`` actor on the driver's node (``runtime.bookkeeping``)."""
+    from pseudolabel.pipelines.runtime.bookkeeping import start_bookkeeper
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    options = {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": here}
-    return ray.remote(**options)(Roster).remote()
+    return start_bookkeeper(Roster, "roster")
 
 
 def join_roster(roster: Any, device: str) -> None:
     """Report the calling actor (its id, node, pid and ``device``) to ``roster`` (an
-    actor handle, or None outside a run), waiting for the answer."""
+    actor handle or name, or None outside a run), waiting for the answer."""
     if roster is None:
         return
     import ray
@@ -52,7 +48,9 @@ def join_roster(roster: Any, device: str) -> None:
         "pid": os.getpid(),
         "device": device,
     }
-    ray.get(roster.join.remote(member))
+    from pseudolabel.pipelines.runtime.bookkeeping import resolve
+
+    ray.get(resolve(roster).join.remote(member))
 
 
 def describe(members: list[dict[str, Any]]) -> dict[str, Any]:

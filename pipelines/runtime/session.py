@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import ray
 
-from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines import progress
+from pseudolabel.pipelines.config import RunConfig, TrainConfig
 
 log = logging.getLogger("pseudolabel")
 
@@ -18,19 +19,20 @@ READ_CPUS = 1.0  # kept free for Ray Data's read tasks next to CPU actor pools
 
 
 @contextmanager
-def ray_session(config: RunConfig) -> Iterator[dict[str, float]]:
+def ray_session(config: RunConfig | TrainConfig) -> Iterator[dict[str, float]]:
     """Use the running Ray, else join ``--ray-address`` / RAY_ADDRESS (as under
     ``ray job submit``), else start an embedded local Ray for the length of the run."""
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"logging_level": logging.WARNING}
+    address = getattr(config, "ray_address", None) or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = progress.ray_init_kwargs()
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=config.ray_num_cpus, include_dashboard=False)
+        kwargs.update(num_cpus=getattr(config, "ray_num_cpus", None), include_dashboard=False)
     ray.init(**kwargs)
+    progress.quiet_ray()
     try:
         resources = ray.cluster_resources()
         log.info(

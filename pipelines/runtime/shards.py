@@ -29,6 +29,7 @@ from pseudolabel.pipelines.runtime.actors import (
     wait_all,
     wait_ready,
 )
+from pseudolabel.pipelines.runtime.bookkeeping import as_argument
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
 
@@ -61,6 +62,7 @@ class ResidentShards:
 
     def __init__(self, sources: list, settings: ReadSettings, spec: WorkerSpec, ledger=None):
         self.settings, self.spec = settings, spec
+        ledger = as_argument(ledger)
         self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
         self.infos = wait_ready(self.actors, spec)
 

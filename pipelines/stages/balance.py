@@ -19,6 +19,7 @@ import numpy as np
 
 from pseudolabel.ops.hard_balance import BalancedDuals, HardBalance, balanced_duals
 from pseudolabel.ops.sinkhorn import SinkhornResult, proportions
+from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, MANIFEST, load_npy
@@ -82,6 +83,7 @@ def run_balance(
     )
 
     def on_stage(record: dict) -> None:
+        bar.update(record["iterations"], eps=f"{record['epsilon']:.1e}")
         log.info(
             "balance: eps %.3e  %4d steps  cluster-size error %.2e",
             record["epsilon"],
@@ -90,6 +92,7 @@ def run_balance(
         )
 
     def on_pass(record: dict) -> None:
+        bar.update(1, off=record["l1_rows"])
         log.info(
             "balance: pass %2d  sizes off target by %d rows in all, %d at most%s",
             record["pass"],
@@ -99,20 +102,21 @@ def run_balance(
         )
 
     try:
-        result = balanced_duals(
-            shards,
-            shards,
-            q,
-            n,
-            epsilon=config.epsilon,
-            sinkhorn_tol=config.sinkhorn_tol,
-            sinkhorn_iterations=config.sinkhorn_iterations,
-            tol=config.balance_tol,
-            max_passes=config.balance_passes,
-            warm=warm,
-            on_stage=on_stage,
-            on_pass=on_pass,
-        )
+        with progress.bar(None, "balance", "step") as bar:
+            result = balanced_duals(
+                shards,
+                shards,
+                q,
+                n,
+                epsilon=config.epsilon,
+                sinkhorn_tol=config.sinkhorn_tol,
+                sinkhorn_iterations=config.sinkhorn_iterations,
+                tol=config.balance_tol,
+                max_passes=config.balance_passes,
+                warm=warm,
+                on_stage=on_stage,
+                on_pass=on_pass,
+            )
     finally:
         shards.release()
     if not result.sinkhorn.converged:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pseudolabel.ops.hierarchical import resample_refine
 from pseudolabel.ops.kmeans import KMeansParams, KMeansState, fit, init_state
+from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
@@ -112,11 +113,14 @@ def fit_on_workers(
             t = time.perf_counter()
             checkpoints.save(s)
             seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t
+        bar.set(s.iteration, inertia=f"{record.inertia:.4e}")
         log.info("fit: %s", record.line(params.iterations))
 
     t0 = time.perf_counter()
     if not loop_done:  # else only the resampling refinement is left to do
-        fit(data, params, state, on_iteration)
+        with progress.bar(params.iterations, "fit", "iter") as bar:
+            bar.set(state.iteration)
+            fit(data, params, state, on_iteration)
     seconds["iterations"] = time.perf_counter() - t0
     if config.resampling_steps and config.algorithm == "lloyd":
         t0 = time.perf_counter()
