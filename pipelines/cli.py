@@ -38,7 +38,7 @@ def add_config_flags(parser: argparse.ArgumentParser, settings: type = cfg.RunCo
     for f in cfg.fields(settings):
         flag = "--" + f.name.replace("_", "-")
         help_text = _with_default(f)
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
@@ -157,6 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from pseudolabel.pipelines.commands.label import label
+    from pseudolabel.pipelines.commands.summary import text_summary
+
+    config = config_from_args(args, cfg.LabelConfig)
+    manifest = label(config)
+    print(text_summary(manifest, config.output), flush=True)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pseudolabel.pipelines.commands.report import write_report
     from pseudolabel.pipelines.errors import InputError
@@ -212,6 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 QUIET_HELP = "only warnings and the summary (before or after the subcommand)"
+VERBOSE_HELP = "Ray's own logging too: its INFO lines, workers' output, Ray Data's banners"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,31 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cluster sharded embeddings on Ray and write pseudo-labels.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
-    # -q after the subcommand too; SUPPRESS keeps the top level's value when absent.
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    # -q/-v after the subcommand too; SUPPRESS keeps the top level's value when absent.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help=QUIET_HELP)  # fmt: skip
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=VERBOSE_HELP)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
-        "run", parents=[common], help="fit k-means on the input and label every row"
-    )
-    add_config_flags(run, cfg.RunConfig)
-    run.set_defaults(func=cmd_run)
-
-    curate = sub.add_parser(
-        "curate",
-        parents=[common],
-        help="hierarchical k-means and a balanced sample of ids (data curation)",
-    )
-    add_config_flags(curate, cfg.CurateConfig)
-    curate.set_defaults(func=cmd_curate)
-
-    train = sub.add_parser(
-        "train", parents=[common], help="Ray Train a head on the pseudo-labels of a run"
-    )
-    add_config_flags(train, cfg.TrainConfig)
-    train.set_defaults(func=cmd_train)
+    commands = [  # (name, what it does, its settings, its function)
+        ("run", "fit k-means on the input and label every row", cfg.RunConfig, cmd_run),
+        ("label", "label rows with the centroids (and duals) of an earlier run; fit nothing",
+         cfg.LabelConfig, cmd_label),
+        ("curate", "hierarchical k-means and a balanced sample of ids (data curation)",
+         cfg.CurateConfig, cmd_curate),
+        ("train", "Ray Train a head on the pseudo-labels of a run", cfg.TrainConfig, cmd_train),
+    ]  # fmt: skip
+    for name, text, settings, func in commands:
+        command = sub.add_parser(name, parents=[common], help=text)
+        add_config_flags(command, settings)
+        command.set_defaults(func=func)
 
     report = sub.add_parser(
         "report", parents=[common], help="write report.html for a finished run, print a summary"
@@ -279,17 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    from pseudolabel.pipelines import progress
+
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    progress.configure(quiet=quiet, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q and -v: choose one")
+    setup_logging(args.quiet, args.verbose)
     try:
         return args.func(args)
     except Exception as e:

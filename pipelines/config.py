@@ -31,6 +31,13 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# The columns the label pass writes (DESIGN.md's output contract).
+OUTPUT_COLUMNS = (
+    "id", "label", "distance", "cosine", "nearest_label", "topk_labels", "topk_distances",
+    "topk_probs",
+)  # fmt: skip
+
+
 @dataclass
 class RunConfig:
     # What to cluster and where to write.
@@ -45,6 +52,9 @@ class RunConfig:
     embedding_column: str = _opt("embedding", "parquet embedding column")
     truth_column: str | None = _opt(
         None, "ground-truth column: copied into the labels, scored with NMI/ARI/accuracy"
+    )
+    keep_columns: str | None = _opt(
+        None, "input columns copied into the labels, comma-separated (parquet)", metavar="A,B"
     )
     # Nightly runs. URLs may hold {date} and {previous_date} (run date, and the day before).
     run_date: str | None = _opt(None, "YYYY-MM-DD for {date} in URLs; default: today (UTC)")
@@ -191,6 +201,9 @@ class RunConfig:
             raise ConfigError("storage_options must be a mapping")
         if self.id_column == "":
             self.id_column = None
+        taken = set(OUTPUT_COLUMNS) | {self.id_column or "id", self.embedding_column}
+        clash = sorted(taken & set(self.kept_columns()))
+        _require(not clash, f"--keep-columns {clash}: the labels have columns of that name already")
         self._expand_dates()
         return self
 
@@ -237,11 +250,22 @@ class RunConfig:
             init=self.init,
         )
 
+    def kept_columns(self) -> tuple[str, ...]:
+        """--keep-columns as names, in order, without repeats or the truth column."""
+        names = [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
+        return tuple(dict.fromkeys(c for c in names if c != self.truth_column))
+
     def read_settings(
-        self, plan: Plan | None = None, dim: int = 0, value_type: str = "float32"
+        self,
+        plan: Plan | None = None,
+        dim: int = 0,
+        value_type: str = "float32",
+        label_pass: bool = False,
     ) -> ReadSettings:
         """What the readers need; the dim and stored value type come from a plan (or are
-        given, for a Dataset). dtype "auto": float16 rows stay float16."""
+        given, for a Dataset). dtype "auto": float16 rows stay float16. The label pass
+        (and the plan, which checks every file has them) also reads --keep-columns; the
+        fit's workers do not hold them."""
         if plan is not None:
             dim, value_type = plan.dim, plan.value_type
         dtype = self.dtype
@@ -250,7 +274,8 @@ class RunConfig:
         return ReadSettings(
             id_column=self.id_column,
             embedding_column=self.embedding_column,
-            extra_columns=(self.truth_column,) if self.truth_column else (),
+            extra_columns=((self.truth_column,) if self.truth_column else ())
+            + (self.kept_columns() if label_pass else ()),
             dim=dim,
             dtype=dtype,
             on_bad_rows=self.on_bad_rows,
@@ -308,6 +333,67 @@ class CurateConfig(RunConfig):
         if any(b >= a for a, b in itertools.pairwise(ks)):
             raise ConfigError(f"--levels must shrink from level to level, got {ks}")
         return ks
+
+
+def _as_in_run(name: str) -> Any:
+    """RunConfig's field ``name`` (default, help) for another command's settings."""
+    f = RunConfig.__dataclass_fields__[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, repr=f.repr, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class LabelConfig:
+    """``pseudolabel label``: rows labelled with centroids fitted before; nothing is fitted."""
+
+    input: str = _as_in_run("input")
+    output: str = _as_in_run("output")
+    centroids: str = _opt(
+        "",
+        "a finished run's --output (its centroids; its duals if it was balanced), or a "
+        "centroids .npy (k, d)",
+        required=True,
+        metavar="URL",
+    )
+    duals: str | None = _opt(
+        None, "log duals .npy (k,) for balanced labels, as a run's duals.npy", metavar="URL"
+    )
+    epsilon: float | None = _opt(
+        None,
+        "the duals' eps in score units (a run's manifest balance.epsilon); default: the "
+        "run's, when --centroids is a balanced run",
+    )
+    spherical: bool | None = _opt(
+        None, "unit-normalise rows (cosine); default: the run's setting, else off"
+    )
+    topk: int = _as_in_run("topk")
+    id_column: str | None = _as_in_run("id_column")
+    embedding_column: str = _as_in_run("embedding_column")
+    truth_column: str | None = _as_in_run("truth_column")
+    keep_columns: str | None = _as_in_run("keep_columns")
+    run_date: str | None = _as_in_run("run_date")
+    dtype: str = _as_in_run("dtype")
+    on_bad_rows: str = _as_in_run("on_bad_rows")
+    cpus_per_worker: float = _as_in_run("cpus_per_worker")
+    gpus_per_worker: float = _as_in_run("gpus_per_worker")
+    label_workers: int | None = _as_in_run("label_workers")
+    label_batch_rows: int = _as_in_run("label_batch_rows")
+    max_restarts: int = _as_in_run("max_restarts")
+    startup_timeout: float = _as_in_run("startup_timeout")
+    task_timeout: float = _as_in_run("task_timeout")
+    ray_address: str | None = _as_in_run("ray_address")
+    ray_num_cpus: int | None = _as_in_run("ray_num_cpus")
+    storage_options: dict = _as_in_run("storage_options")  # noqa: RUF009 (a field, factory)
+    overwrite: bool = _as_in_run("overwrite")
+
+    def validate(self) -> LabelConfig:
+        for name in ("input", "output", "centroids"):
+            _require(bool(getattr(self, name)), f"--{name} is required")
+        _require(self.topk >= 0, f"--topk must be >= 0, got {self.topk}")
+        _require(self.epsilon is None or self.epsilon > 0, "--epsilon must be > 0")
+        _require(not self.duals or bool(self.epsilon), "--duals need --epsilon")
+        return self
 
 
 HEADS = ("linear", "mlp")

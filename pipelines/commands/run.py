@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import ray
 
 from pseudolabel.ops.metrics import scores, size_stats
+from pseudolabel.pipelines.commands.label import GivenModel
 from pseudolabel.pipelines.commands.report import write_report
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError, InputError, ResourceError
@@ -58,8 +60,11 @@ def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
     timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def run(config: RunConfig) -> dict[str, Any]:
-    """Run the whole job and return its manifest. A committed output is returned as is."""
+def run(config: RunConfig, model: GivenModel | None = None) -> dict[str, Any]:
+    """Run the whole job and return its manifest. A committed output is returned as is.
+
+    With ``model`` (``pseudolabel label``), its centroids and duals take the place of the
+    fit and balance stages: the rows are only labelled."""
     t_start = time.perf_counter()
     source = resolve(config.input, config.storage_options)
     output = RunOutput(resolve(config.output, config.storage_options))
@@ -72,6 +77,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     # One listing of the input, before any file is opened or Ray starts: a finished
     # output is reused only by a run of the same settings and input files.
     fingerprint = run_fingerprint(config, tuple(SUFFIXES))
+    if model is not None:
+        fingerprint["model"] = model.fingerprint()
     if output.committed() and not config.overwrite:
         previous = output.manifest()
         old = previous.get("fingerprint")
@@ -84,15 +91,22 @@ def run(config: RunConfig) -> dict[str, Any]:
         if output.committed():
             log.info("--overwrite: removing the previous run at %s", output.root.url)
             output.clear()
-        return _run(config, output, fingerprint, lease, t_start)
+        return _run(config, output, fingerprint, lease, t_start, model)
 
 
 def _run(
-    config: RunConfig, output: RunOutput, fingerprint: dict, lease: Lease, t_start: float
+    config: RunConfig,
+    output: RunOutput,
+    fingerprint: dict,
+    lease: Lease,
+    t_start: float,
+    model: GivenModel | None,
 ) -> dict[str, Any]:
     timings: dict[str, float] = {}
     with _timed("plan", timings):
-        plan = make_plan(config.input, config.read_settings())
+        plan = make_plan(config.input, config.read_settings(label_pass=True))
+    if plan.fmt != "parquet" and config.kept_columns():
+        raise ConfigError("--keep-columns: .npy input holds no columns but the embedding")
     settings = config.read_settings(plan)
     log.info(
         "plan: %d %s files, %d rows, dim %d, %s%s",
@@ -103,7 +117,10 @@ def _run(
         plan.value_type,
         f" ({len(plan.empty_files)} empty files skipped)" if plan.empty_files else "",
     )
-    if config.k > plan.total_rows:
+    if model is not None:
+        _check_dim(model, plan.dim)
+        log.info("label: %s", model.describe())
+    elif config.k > plan.total_rows:
         raise InputError(f"--k {config.k} exceeds the {plan.total_rows} input rows")
 
     t_ray = time.perf_counter()
@@ -115,21 +132,27 @@ def _run(
         checkpoints = Checkpoints(
             output.root.join(CHECKPOINTS), fit_fingerprint(config, plan, fingerprint)
         )
-        with _timed("fit", timings):
-            fitted = run_fit(
-                config,
-                plan,
-                settings,
-                spec,
-                sizing.workers,
-                checkpoints,
-                keep_workers=config.balanced,
-                ledger=ledger,
-            )
+        if model is not None:
+            fitted = model.fitted()
+        else:
+            with _timed("fit", timings):
+                fitted = run_fit(
+                    config,
+                    plan,
+                    settings,
+                    spec,
+                    sizing.workers,
+                    checkpoints,
+                    keep_workers=config.balanced,
+                    ledger=ledger,
+                )
         # Labelers load it, and check it is still this file.
         centroids_sha256 = output.write_array(CENTROIDS, fitted.state.centroids)
         balance = None
-        if config.balanced:
+        if model is not None and model.log_duals is not None:
+            output.write_array(DUALS, model.log_duals)  # labelers read it from the output
+            balance = (model, model.balance_section())
+        elif config.balanced:
             with _timed("balance", timings):
                 balance = _balance(config, plan, settings, spec, sizing, fitted, output, ledger)
         staging = output.new_staging()
@@ -154,6 +177,8 @@ def _run(
             lease.check()  # still the only writer
             output.publish(staged)
         manifest = _manifest(config, plan, fitted, counts, skipped, timings, sizing, balance)
+        if model is not None:
+            manifest["fit"]["algorithm"] = "given"
         manifest["label"] = {
             "device": sizing.device,
             "asked": asked,
@@ -164,8 +189,8 @@ def _run(
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
-        write_report(output, manifest, config.storage_options)  # before _SUCCESS, last
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)
+        write_report(output, manifest, config.storage_options)  # before _SUCCESS, last
         lease.check()
         output.commit(manifest)
     log.info("done: %d rows labelled into %s", written, output.labels.url)
@@ -185,6 +210,14 @@ def _ask(ref: Any, actor: str) -> Any:
             f"the run's {actor} did not answer within {BOOKKEEPING_S:g} s: the driver's "
             "node may have stopped responding; rerun to resume"
         ) from None
+
+
+def _check_dim(model: GivenModel, dim: int) -> None:
+    if model.centroids.shape[1] != dim:
+        raise InputError(
+            f"--centroids {model.source} has dimension {model.centroids.shape[1]}; the input "
+            f"rows have {dim}"
+        )
 
 
 def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger):
@@ -244,12 +277,17 @@ def _label(
     )
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
+    settings = config.read_settings(plan, label_pass=True)  # with --keep-columns
     label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
     return pool.size
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:
-    return {"sizes": counts.sizes.tolist(), "balance": size_stats(counts.sizes)}
+    section = {"sizes": counts.sizes.tolist(), "balance": size_stats(counts.sizes)}
+    means = counts.mean_distances()
+    if means is not None:  # 6 significant digits: k numbers for the report, not the math
+        section["mean_distance"] = [None if np.isnan(m) else float(f"{m:.6g}") for m in means]
+    return section
 
 
 def _manifest(
@@ -311,7 +349,9 @@ def _manifest(
         "timings": dict(timings),
         "versions": versions(),
     }
-    if balance is not None:
+    if balance is not None and isinstance(balance[0], GivenModel):
+        manifest["balance"] = balance[1]  # pseudolabel label: the given duals, not solved
+    elif balance is not None:
         manifest["balance"] = manifest_section(config, *balance)
     return manifest
 

@@ -10,11 +10,14 @@ def text_summary(manifest: dict[str, Any], output_url: str) -> str:
     metrics, t = manifest["metrics"], manifest["timings"]
     state = "converged" if fit["converged"] else "iteration limit"
     resumed = fit.get("resumed_from_iteration")
+    how = f"{fit['algorithm']}, {fit['iterations_run']} iterations, {state}" + (
+        f", resumed from {resumed}" if resumed is not None else ""
+    )
+    if fit["algorithm"] == "given":  # pseudolabel label: nothing was fitted
+        how = f"labelled with {fit['init'].removeprefix('given ').strip('()')}"
     lines = [
         f"pseudolabel: {rows['input']} rows x {manifest['input']['dim']} dims -> "
-        f"k={clusters['k']} ({fit['algorithm']}, {fit['iterations_run']} iterations, {state}"
-        + (f", resumed from {resumed}" if resumed is not None else "")
-        + ")",
+        f"k={clusters['k']} ({how})",
         f"  output     {output_url}  ({rows['output']} labelled rows, "
         f"{rows['skipped']['total']} skipped)",
         f"  distance   mean squared distance to the label's centroid "
@@ -30,7 +33,10 @@ def text_summary(manifest: dict[str, Any], output_url: str) -> str:
             f"  imbalance {b['imbalance_factor']:.3f}  empty {b['empty']}"
             + (f"  ({name})" if len(named) > 1 else "")
         )
-    if "balance" in manifest:
+    if "balance" in manifest and "given" in manifest["balance"]:
+        s = manifest["balance"]
+        lines.append(f"  balance    the given duals (eps {s['epsilon']:.3g})")
+    elif "balance" in manifest:
         s = manifest["balance"]
         sink, sizes = s["sinkhorn"], s["sizes"]
         lines.append(

@@ -4,8 +4,8 @@ read -> map_batches(Labeler actor pool) -> write_parquet(staging) for a run, or 
 Dataset -> map_batches(Labeler) for ``pseudolabel.label``. Each Labeler loads the
 centroids (and the Sinkhorn duals) once; every row gets ``label`` and ``distance``
 (squared L2 to that label's centroid; for spherical runs the squared distance between
-unit vectors, 2 - 2 cos), with ``topk`` the M best labels and their distances. With
-balancing, ``label`` is argmax_j S_ij / eps + log v_j, the balanced label,
+unit vectors, 2 - 2 cos, and ``cosine`` beside it), with ``topk`` the M best labels and
+their distances. With balancing, ``label`` is argmax_j S_ij / eps + log v_j, the balanced label,
 ``nearest_label`` the nearest centroid, and ``topk_probs`` the plan's row normalised over
 the M. Every other column passes through; the embedding column is dropped.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import ray
 import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
+from ray.util.annotations import RayDeprecationWarning
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
@@ -33,6 +35,7 @@ from pseudolabel.pipelines.io.layout import load_npy
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
 from pseudolabel.pipelines.io.storage import Location, first_line, resolve
 from pseudolabel.pipelines.runtime.actors import not_started, step_timeout
+from pseudolabel.pipelines.runtime.bookkeeping import as_argument
 from pseudolabel.pipelines.runtime.roster import join_roster
 from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
 
@@ -152,6 +155,8 @@ class Labeler:
             "label": pa.array(out.label.astype(np.int32)),
             "distance": pa.array(out.distance.astype(np.float32)),
         }
+        if spec.metric == "ip":  # unit vectors: |x - c|^2 = 2 - 2 cos(x, c)
+            columns["cosine"] = pa.array((1 - out.distance / 2).astype(np.float32))
         if spec.duals is not None:
             columns["nearest_label"] = pa.array(out.nearest.astype(np.int32))
         if spec.topk:
@@ -178,13 +183,21 @@ def label_dataset(
 ) -> Any:
     """The lazy Dataset of ``dataset``'s rows with their labels (``Labeler``); each
     labeler reports itself to ``roster`` (``runtime.roster``) when given one."""
+    # Ray 2.60 deprecates ``max_restarts`` among map_batches' keywords (and the per-actor
+    # function) with no replacement yet; the warning is Ray's to a user who cannot act.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return _map_labeler(dataset, centroids, spec, pool, storage_options, roster)
+
+
+def _map_labeler(dataset, centroids, spec, pool, storage_options, roster) -> Any:
     return dataset.map_batches(
         Labeler,
         fn_constructor_kwargs={
             "centroids": centroids,
             "spec": spec,
             "storage_options": storage_options or {},
-            "roster": roster,
+            "roster": as_argument(roster),
         },
         batch_size=pool.batch_rows,
         batch_format="pyarrow",

@@ -22,6 +22,16 @@ class LabelCounts:
     sizes: np.ndarray  # (k,) rows per label
     contingency: dict[tuple[int, object], int]  # (label, truth) -> rows, with a truth column
     distance_sum: float = 0.0  # the objective of the final centroids over the labelled rows
+    # (k,) the distance column summed per label; for "label" only, whose centroid the
+    # distance is measured to
+    distance_sums: np.ndarray | None = None
+
+    def mean_distances(self) -> np.ndarray | None:
+        """(k,) mean distance of each cluster's rows to its centroid; NaN when empty."""
+        if self.distance_sums is None:
+            return None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.distance_sums / self.sizes
 
     def truth_table(self) -> np.ndarray:
         """(k, C) counts of rows per (label, truth class), classes in sorted order."""
@@ -46,15 +56,18 @@ def count_labels(
     workers for this cost more than the reading (5.7 s against 0.02 s, 100k rows).
     """
     totals = {c: LabelCounts(0, np.zeros(k, np.int64), Counter()) for c in columns}
+    totals["label"].distance_sums = np.zeros(k, np.float64)
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = pool.map(lambda f: _count_file(f, k, columns, truth_column), files)
     for part in parts:
-        for column, (rows, sizes, pairs, distance) in part.items():
+        for column, (rows, sizes, pairs, distance, sums) in part.items():
             total = totals[column]
             total.rows += rows
             total.sizes += sizes
             total.contingency.update(pairs)
             total.distance_sum += distance
+            if column == "label":
+                total.distance_sums += sums
     for total in totals.values():
         total.contingency = dict(total.contingency)
     return totals
@@ -64,14 +77,16 @@ def _count_file(loc: Location, k: int, columns: tuple[str, ...], truth_column: s
     wanted = [*columns, "distance"] + ([truth_column] if truth_column else [])
     table = read_columns(loc, wanted)
     truths = table.column(truth_column).to_pylist() if truth_column else None
-    distance = float(table.column("distance").to_numpy().sum(dtype=np.float64))
+    distances = table.column("distance").to_numpy().astype(np.float64)
+    distance = float(distances.sum())
     out = {}
     for column in columns:
         labels = table.column(column).to_numpy()
         pairs: Counter = Counter()
         if truths is not None:
             pairs.update(zip(labels.tolist(), truths, strict=True))
-        out[column] = (len(labels), np.bincount(labels, minlength=k), pairs, distance)
+        sums = np.bincount(labels, weights=distances, minlength=k) if column == "label" else None
+        out[column] = (len(labels), np.bincount(labels, minlength=k), pairs, distance, sums)
     return out
 
 

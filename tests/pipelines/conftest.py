@@ -17,6 +17,9 @@ def ray_local():
     ray.shutdown()
 
 
+BALANCED_K = 10  # clusters of the balanced fixtures
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """6,000 rows x 16 dims from 12 components, in 5 parquet shards, with truth."""
@@ -24,6 +27,38 @@ def small_dataset(tmp_path_factory):
     x, truth = mixture(6000, 16, 12, seed=3)
     write_parquet_shards(root, x, shards=5, truth=truth, row_group_rows=500)
     return root, x, truth
+
+
+@pytest.fixture(scope="session")
+def dominant(tmp_path_factory):
+    """8,000 rows, half of them in one component: plain k-means sizes are far from even."""
+    w = np.full(BALANCED_K, 0.5 / (BALANCED_K - 1))
+    w[0] = 0.5
+    x, truth = mixture(8000, 12, BALANCED_K, seed=7, weights=w)
+    root = tmp_path_factory.mktemp("dominant") / "input"
+    write_parquet_shards(root, x, shards=4, truth=truth, row_group_rows=500)
+    return root, x, truth
+
+
+@pytest.fixture(scope="session")
+def balanced_run(ray_local, dominant, tmp_path_factory):
+    """(output folder, manifest) of a balanced run with top-3 labels on ``dominant``."""
+    from pseudolabel.pipelines.commands.run import run
+
+    root, _, _ = dominant
+    out = tmp_path_factory.mktemp("balanced") / "run"
+    manifest = run(
+        fast_config(
+            input=str(root),
+            output=str(out),
+            k=BALANCED_K,
+            balanced=True,
+            topk=3,
+            truth_column="truth",
+            iterations=15,
+        )
+    )
+    return out, manifest
 
 
 def fast_config(**kw):

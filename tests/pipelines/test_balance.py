@@ -19,21 +19,8 @@ from pseudolabel.pipelines.runtime.balance import BalanceShards
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
-from tests.data import mixture, write_parquet_shards
+from tests.pipelines.conftest import BALANCED_K as K
 from tests.pipelines.conftest import fast_config
-
-K = 10
-
-
-@pytest.fixture(scope="module")
-def dominant(tmp_path_factory):
-    """8,000 rows, half of them in one component: plain k-means sizes are far from even."""
-    w = np.full(K, 0.5 / (K - 1))
-    w[0] = 0.5
-    x, truth = mixture(8000, 12, K, seed=7, weights=w)
-    root = tmp_path_factory.mktemp("dominant") / "input"
-    write_parquet_shards(root, x, shards=4, truth=truth, row_group_rows=500)
-    return root, x, truth
 
 
 def test_distributed_sinkhorn_equals_single_process(ray_local, dominant):
@@ -111,20 +98,9 @@ def test_worker_rebuilds_a_lost_block(dominant):
     np.testing.assert_array_equal(worker.sinkhorn_column_sums(np.ones(K), problem, stage), first)
 
 
-def test_balanced_run_end_to_end(ray_local, dominant, tmp_path):
+def test_balanced_run_end_to_end(ray_local, dominant, balanced_run, tmp_path):
     root, x, _ = dominant
-    out = tmp_path / "run"
-    manifest = run(
-        fast_config(
-            input=str(root),
-            output=str(out),
-            k=K,
-            balanced=True,
-            topk=3,
-            truth_column="truth",
-            iterations=15,
-        )
-    )
+    out, manifest = balanced_run
     n = len(x)
     table = pq.read_table(out / "labels")
     assert {
@@ -183,6 +159,75 @@ def test_balanced_run_end_to_end(ray_local, dominant, tmp_path):
     assert warm["warm_start"] and warm["converged"] and warm["sample_rows"] == n
     assert len(warm["sinkhorn"]["stages"]) == 1  # no annealing from the score scale
     assert warm["sinkhorn"]["iterations"] < b["sinkhorn"]["iterations"] / 3
+
+
+def test_label_command_reproduces_the_runs_labels(ray_local, dominant, balanced_run, tmp_path):
+    """`pseudolabel label` with the run's output: the run's balanced rule (its centroids,
+    duals and eps), so every row gets the label the run gave it; with its centroids.npy
+    alone, the nearest centroid. Rerun: reused; other centroids: refused as stale."""
+    from pseudolabel.pipelines.cli import main
+
+    root, x, _ = dominant
+    out, manifest = balanced_run
+    flags = ["--input", str(root), "--label-workers", "1", "--cpus-per-worker", "0.5"]
+    relabel = tmp_path / "relabel"
+    assert main(["label", *flags, "--centroids", str(out), "--output", str(relabel),
+                 "--topk", "3", "--truth-column", "truth"]) == 0  # fmt: skip
+    ran, again = (pq.read_table(p / "labels").sort_by("id") for p in (out, relabel))
+    for column in ("id", "label", "nearest_label", "topk_labels", "truth"):
+        assert ran.column(column).equals(again.column(column)), column
+    given = json.loads((relabel / "manifest.json").read_text())
+    assert given["fit"]["algorithm"] == "given" and given["fit"]["iterations_run"] == 0
+    assert given["balance"] == {"given": str(out), "epsilon": manifest["balance"]["epsilon"]}
+    assert given["metrics"]["truth"] == manifest["metrics"]["truth"]
+    assert (relabel / "_SUCCESS").exists() and (relabel / "report.html").exists()
+
+    nearest = tmp_path / "nearest"
+    centroids = np.load(out / "centroids.npy")
+    assert main(["label", *flags, "--centroids", str(out / "centroids.npy"),
+                 "--output", str(nearest)]) == 0  # fmt: skip
+    table = pq.read_table(nearest / "labels")
+    assert set(table.column_names) == {"id", "label", "distance"}
+    S = 2 * x @ centroids.T - (centroids * centroids).sum(1)  # argmax S = nearest
+    ids = table.column("id").to_numpy()
+    np.testing.assert_array_equal(table.column("label").to_numpy(), S[ids].argmax(1))
+
+    assert main(["label", *flags, "--centroids", str(out / "centroids.npy"),
+                 "--output", str(nearest)]) == 0  # fmt: skip  # the same: reused
+    np.save(tmp_path / "other.npy", centroids[::-1].copy())
+    with pytest.raises(ConfigError, match="centroids_sha256"):
+        from pseudolabel.pipelines.commands.label import label
+        from pseudolabel.pipelines.config import LabelConfig
+
+        label(LabelConfig(input=str(root), output=str(nearest),
+                          centroids=str(tmp_path / "other.npy")))  # fmt: skip
+
+
+def test_label_command_refuses_what_it_cannot_label(dominant, tmp_path):
+    from pseudolabel.pipelines.commands.label import label
+    from pseudolabel.pipelines.config import LabelConfig
+    from pseudolabel.pipelines.errors import InputError
+
+    root, _, _ = dominant
+
+    def attempt(**kw):
+        return label(LabelConfig(input=str(root), output=str(tmp_path / "out"), **kw))
+
+    np.save(tmp_path / "wide.npy", np.zeros((4, 13), np.float32))
+    with pytest.raises(InputError, match="has dimension 13; the input rows have 12"):
+        attempt(centroids=str(tmp_path / "wide.npy"))
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(InputError, match=r"neither a \.npy file nor a finished run"):
+        attempt(centroids=str(tmp_path / "unfinished"))
+    np.save(tmp_path / "c.npy", np.zeros((4, 12), np.float32))
+    np.save(tmp_path / "duals.npy", np.zeros(5))
+    with pytest.raises(ConfigError, match="--duals need --epsilon"):
+        attempt(centroids=str(tmp_path / "c.npy"), duals=str(tmp_path / "duals.npy"))
+    with pytest.raises(InputError, match="need 4 finite values"):
+        attempt(centroids=str(tmp_path / "c.npy"), duals=str(tmp_path / "duals.npy"), epsilon=1.0)
+    with pytest.raises(ConfigError, match="--topk 5 exceeds the 4 centroids"):
+        attempt(centroids=str(tmp_path / "c.npy"), topk=5)
+    assert not (tmp_path / "out" / "labels").exists()  # refused before any labelling
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npy"])

@@ -48,6 +48,13 @@ def test_run_prints_progress_and_summary(tmp_path):
     for i in (1, 2, 3):
         assert f"fit: iter   {i}/3  inertia" in result.stdout
     assert "3000 labelled rows" in result.stdout
+    # Quiet by default: every line is ours (a timestamped progress line, or the summary),
+    # and none of Ray's INFO logging or Ray Data's execution banners reach the console.
+    for line in result.stdout.splitlines():
+        assert line.startswith(("[", "pseudolabel: ", "  ")), line
+    assert " INFO " not in result.stderr and "Running Dataset" not in result.stderr, result.stderr[
+        -3000:
+    ]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
@@ -75,10 +82,51 @@ def test_config_errors_before_any_work(tmp_path, args):
     assert result.returncode == 2 and "pseudolabel: error: --" in result.stderr
 
 
+def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
+    """(exit code, what the terminal showed) of the CLI with a pseudo-terminal for its
+    stdout and stderr, as a person running it in a shell has."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    leader, follower = pty.openpty()
+    # 40 rows x 120 columns: a terminal of no size gets no bars (tqdm draws to its width).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [str(BIN / "pseudolabel"), *args], stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    shown, deadline = bytearray(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process has ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(timeout=30), shown.decode(errors="replace")
+
+
 def test_demo(tmp_path):
-    result = pseudolabel("demo", "--dir", str(tmp_path), "--rows", "20000", "--k", "8")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    """The demo on a terminal: progress bars while it works, then the summary."""
+    code, shown = on_a_terminal("demo", "--dir", str(tmp_path), "--rows", "20000", "--k", "8")
+    assert code == 0, shown[-3000:]
+    # tqdm redraws a bar in place with carriage returns; the bar of the fit counts its
+    # iterations, the balance bar its steps, Ray Data's the rows it labelled.
+    frames = shown.replace("\r\n", "\n").replace("\r", "\n").splitlines()
+    assert any(f.startswith("fit:") and "/20 [" in f and "inertia=" in f for f in frames), shown
+    assert any(f.startswith("balance:") and "step" in f for f in frames), shown
+    assert any("Labeler" in f and "row" in f for f in frames), shown
+    lines = frames
     nearest = next(line for line in lines if "NMI" in line and "(nearest_label)" in line)
     assert float(nearest.split("NMI")[1].split()[0]) > 0.9
     balanced = next(line for line in lines if "sizes" in line and "(balanced)" in line)
@@ -87,7 +135,7 @@ def test_demo(tmp_path):
     assert (tmp_path / "run" / "duals.npy").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "curate", "train", "demo"])
+@pytest.mark.parametrize("command", ["run", "label", "curate", "train", "demo"])
 def test_every_option_says_what_it_does_and_what_it_is_when_not_given(command):
     """Each option of each subcommand has a description, and says "(required)" or its
     default (storage options excepted: a default there could only be {})."""
@@ -100,7 +148,7 @@ def test_every_option_says_what_it_does_and_what_it_is_when_not_given(command):
             continue
         text = (action.help or "") % {"default": action.default}
         assert text.strip(), f"{command} {action.option_strings}: no description"
-        if action.dest != "quiet":
+        if action.dest not in ("quiet", "verbose"):  # switches: off unless given
             assert "(required)" in text or "default" in text, f"{action.option_strings}: {text}"
 
 
@@ -128,3 +176,43 @@ def test_quiet_before_or_after_the_subcommand(argv):
 
     assert build_parser().parse_args(argv).quiet is True
     assert build_parser().parse_args(["report", "out"]).quiet is False
+
+
+@pytest.mark.parametrize("argv", [["-v", "run"], ["run", "-v"], ["run", "--verbose"]])
+def test_verbose_before_or_after_the_subcommand(argv):
+    from pseudolabel.pipelines.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["run"]).verbose is False
+
+
+def test_quiet_and_verbose_together_are_refused():
+    result = pseudolabel("-q", "run", "-v", "--input", "a", "--output", "b", "--k", "2")
+    assert result.returncode == 2 and "-q and -v: choose one" in result.stderr
+
+
+def test_ray_is_quiet_unless_verbose():
+    """What -v changes in Ray's own settings: the level of its console handlers (its
+    log files keep everything), workers' output forwarded to the driver, Ray Data's
+    execution banners."""
+    import logging
+
+    import ray.data
+
+    from pseudolabel.pipelines import progress
+
+    console = [
+        h
+        for h in logging.getLogger("ray.data").handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    assert console  # Ray Data logs to the console through a handler of its own
+    try:
+        for verbose, level in ((False, logging.WARNING), (True, logging.INFO)):
+            progress.configure(verbose=verbose)
+            progress.quiet_ray()
+            assert progress.ray_init_kwargs()["log_to_driver"] is verbose
+            assert all(h.level == level for h in console)
+            assert ray.data.DataContext.get_current().print_on_execution_start is verbose
+    finally:
+        progress.configure()

@@ -90,7 +90,7 @@ def test_string_ids_and_npy_input(ray_local, tmp_path):
 
 
 def test_minibatch_and_spherical_end_to_end(ray_local, small_dataset, tmp_path):
-    root, _, _ = small_dataset
+    root, x, truth = small_dataset
     m = run(
         fast_config(
             input=str(root),
@@ -104,10 +104,25 @@ def test_minibatch_and_spherical_end_to_end(ray_local, small_dataset, tmp_path):
     )
     assert m["fit"]["algorithm"] == "minibatch" and m["rows"]["output"] == 6000
     assert m["metrics"]["truth"]["label"]["nmi"] > 0.9
-    s = run(fast_config(input=str(root), output=str(tmp_path / "sph"), spherical=True))
+    s = run(
+        fast_config(
+            input=str(root), output=str(tmp_path / "sph"), spherical=True, keep_columns="truth"
+        )
+    )
     c = np.load(tmp_path / "sph" / "centroids.npy")
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
     assert max(r["inertia"] for r in s["fit"]["history"]) <= 4 * 6000  # |x - c|^2 <= 4
+    # Spherical labels carry the cosine to the label's centroid beside the distance, and
+    # --keep-columns copies input columns through, row by row.
+    t = labels_table(tmp_path / "sph").sort_by("id")
+    ids, label = t.column("id").to_numpy(), t.column("label").to_numpy()
+    unit = x[ids] / np.linalg.norm(x[ids], axis=1, keepdims=True)
+    np.testing.assert_allclose(t.column("cosine").to_numpy(), (unit * c[label]).sum(1), atol=1e-5)
+    np.testing.assert_array_equal(t.column("truth").to_numpy(), truth[ids])
+    with pytest.raises(ConfigError, match=r"--keep-columns \['label'\]: the labels have"):
+        fast_config(input=str(root), output=str(tmp_path / "x"), keep_columns="truth,label")
+    with pytest.raises(InputError, match="missing column 'colour'"):
+        run(fast_config(input=str(root), output=str(tmp_path / "x"), keep_columns="colour"))
 
 
 def test_output_inside_input_is_refused(small_dataset):
