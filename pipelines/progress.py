@@ -64,8 +64,8 @@ def ray_init_kwargs() -> dict[str, Any]:
 
 def quiet_ray() -> None:
     """Ray's console output at WARNING unless -v; Ray Data's progress bars on a terminal
-    only (in a job log they print a block of lines every few seconds) and its execution
-    banners only with -v."""
+    (in a job log, where they are a block of INFO lines every few seconds, only with -v)
+    and its execution banners only with -v."""
     import ray.data
 
     level = logging.INFO if verbose() else logging.WARNING
@@ -77,7 +77,9 @@ def quiet_ray() -> None:
             ):
                 handler.setLevel(level)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bars() or verbose()
+    # Its bars stay on: on a terminal they are tqdm's, off one Ray Data logs them at INFO,
+    # which the console shows only with -v (turning them off makes Ray warn instead).
+    ctx.enable_progress_bars = True
     ctx.print_on_execution_start = verbose()
 
 

@@ -158,7 +158,8 @@ def _histograms(sample: pa.Table) -> str:
     plt = _pyplot()
     margins = None
     if "topk_distances" in sample.column_names and sample.num_rows:
-        d = np.stack(sample.column("topk_distances").to_numpy(zero_copy_only=False))
+        # Sorted: balanced top-m lists are ordered by the balanced score, not distance.
+        d = np.sort(np.stack(sample.column("topk_distances").to_numpy(zero_copy_only=False)), 1)
         margins = d[:, 1] - d[:, 0] if d.shape[1] > 1 else None
     panels = 2 if margins is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.4 if panels == 1 else 10, 3.2), squeeze=False)
@@ -167,7 +168,9 @@ def _histograms(sample: pa.Table) -> str:
     if margins is not None:
         axes[0, 1].hist(margins, bins=50)
         axes[0, 1].set(
-            xlabel="second nearest minus nearest distance", ylabel="rows", title="Top-m margin"
+            xlabel="second smallest minus smallest distance in the top m",
+            ylabel="rows",
+            title="Top-m margin",
         )
     return _png(fig)
 

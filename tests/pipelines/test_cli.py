@@ -124,8 +124,8 @@ def test_demo(tmp_path):
     # iterations, the balance bar its steps, Ray Data's the rows it labelled.
     frames = shown.replace("\r\n", "\n").replace("\r", "\n").splitlines()
     assert any(f.startswith("fit:") and "/20 [" in f and "inertia=" in f for f in frames), shown
-    assert any(f.startswith("balance:") and "step" in f for f in frames), shown
-    assert any("Labeler" in f and "row" in f for f in frames), shown
+    assert any(f.startswith("balance:") and "step/s" in f for f in frames), shown
+    assert any("MapBatches(Labeler)" in f and "row/s" in f for f in frames), shown
     lines = frames
     nearest = next(line for line in lines if "NMI" in line and "(nearest_label)" in line)
     assert float(nearest.split("NMI")[1].split()[0]) > 0.9
