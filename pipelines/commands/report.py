@@ -395,7 +395,14 @@ def render(output: RunOutput, manifest: dict[str, Any], storage_options: dict) -
         body += ["<h2>Balancing</h2>", _img("Balancing", _sinkhorn(balance))]
     drift = manifest.get("drift")
     if drift and not drift.get("missing"):
-        body += ["<h2>Drift</h2>", _img("Drift", _drift(manifest, centroids, storage_options))]
+        body += [
+            "<h2>Drift</h2>",
+            _img("Drift", _drift(manifest, centroids, storage_options)),
+            _note(
+                f"Against {drift['previous_run']}: {100 * drift['label_changed_fraction']:.2f}% "
+                f"of {drift['shared_ids']} shared ids changed label."
+            ),
+        ]
     skipped = manifest["rows"]["skipped"]
     body += ["<h2>Skipped rows</h2>"]
     if skipped["by_reason"] or skipped["files"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,12 +102,23 @@ def not_started(who: str, timeout: float, cpus: float, gpus: float, flag: str) -
     )
 
 
-def wait_ready(actors: list, spec: WorkerSpec) -> list[dict]:
+def wait_ready(
+    actors: list, spec: WorkerSpec, on_ready: Callable[[int], None] | None = None
+) -> list[dict]:
     """The actors' ``info()``, or a clear error instead of waiting forever for resources
-    (the actors are stopped then)."""
+    (the actors are stopped then). ``on_ready(i)`` as actor i becomes ready."""
     refs = [a.info.remote() for a in actors]
+    index = {ref: i for i, ref in enumerate(refs)}
+    deadline = time.monotonic() + spec.startup_timeout
     try:
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=spec.startup_timeout)
+        pending = list(refs)
+        while pending:
+            left = max(deadline - time.monotonic(), 0.0)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                break
+            if on_ready is not None:
+                on_ready(index[ready[0]])
         if pending:
             raise not_started(
                 f"{len(pending)} of {len(refs)} workers",

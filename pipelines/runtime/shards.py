@@ -19,6 +19,7 @@ import ray
 
 from pseudolabel.ops.sampling import cluster_thresholds, smallest
 from pseudolabel.ops.stats import PartialStats, reduce_stats
+from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
 from pseudolabel.pipelines.runtime.actors import (
     WorkerSpec,
@@ -64,7 +65,9 @@ class ResidentShards:
         self.settings, self.spec = settings, spec
         ledger = as_argument(ledger)
         self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
-        self.infos = wait_ready(self.actors, spec)
+        sizes = [s.size() for s in sources]
+        with progress.bar(sum(sizes), "load", "row") as bar:
+            self.infos = wait_ready(self.actors, spec, lambda i: bar.update(sizes[i]))
 
     def timeout(self, k: int) -> float:
         """Seconds to wait for one step against ``k`` centres (``actors.step_timeout``)."""

@@ -120,9 +120,11 @@ def test_demo(tmp_path):
     """The demo on a terminal: progress bars while it works, then the summary."""
     code, shown = on_a_terminal("demo", "--dir", str(tmp_path), "--rows", "20000", "--k", "8")
     assert code == 0, shown[-3000:]
-    # tqdm redraws a bar in place with carriage returns; the bar of the fit counts its
-    # iterations, the balance bar its steps, Ray Data's the rows it labelled.
+    # tqdm redraws a bar in place with carriage returns; the load bar counts the rows the
+    # workers hold, the fit's its iterations, the balance bar its steps, Ray Data's the
+    # rows it labelled.
     frames = shown.replace("\r\n", "\n").replace("\r", "\n").splitlines()
+    assert any(f.startswith("load:") and "20000/20000 [" in f for f in frames), shown
     assert any(f.startswith("fit:") and "/20 [" in f and "inertia=" in f for f in frames), shown
     assert any(f.startswith("balance:") and "step/s" in f for f in frames), shown
     assert any("MapBatches(Labeler)" in f and "row/s" in f for f in frames), shown

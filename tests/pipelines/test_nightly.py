@@ -46,8 +46,9 @@ def test_two_nights(ray_local, nights):
     assert drift["centroid_shift"]["max"] < 0.1
 
     report = (nights / "runs" / "2026-11-22" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3  # objective, sizes, drift
-    assert "Drift against the previous run" in report
+    # timings, objective, sizes, distances, projection, drift
+    assert report.count("data:image/png;base64,") == 6
+    assert "<h2>Drift</h2>" in report and "shared ids changed label" in report
 
 
 def test_warm_start_with_wrong_shape(ray_local, nights, tmp_path):
@@ -76,5 +77,5 @@ def test_report_command_rebuilds_the_report(ray_local, nights, tmp_path):
     out = nights / "runs" / "2026-11-21"
     (out / "report.html").unlink(missing_ok=True)
     assert main(["report", str(out)]) == 0
-    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 2
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5  # no drift
     assert main(["report", str(tmp_path)]) == 2  # not a finished run: a one-line error
