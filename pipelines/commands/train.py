@@ -290,6 +290,14 @@ def train_heads(
         ),
         datasets=splits(joined, cfg, targets),
     )
+    log.info(
+        "train[%s]: Ray Train, %d workers, %d epochs, %s head%s",
+        name,
+        cfg.workers,
+        cfg.epochs,
+        cfg.head,
+        f" on each of {', '.join(targets)}" if len(targets) > 1 else "",
+    )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(f"{d}/state.pt", weights_only=True)
