@@ -209,29 +209,9 @@ class RunConfig:
 
     def _expand_dates(self) -> None:
         """Fill {date} and {previous_date} in every URL setting."""
-        try:
-            day = (
-                datetime.date.fromisoformat(self.run_date)
-                if self.run_date
-                else datetime.datetime.now(datetime.timezone.utc).date()
-            )
-        except ValueError:
-            raise ConfigError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
-        self.run_date = day.isoformat()
-        values = {
-            "date": day.isoformat(),
-            "previous_date": (day - datetime.timedelta(1)).isoformat(),
-        }
-        for name in ("input", "output", "init_centroids", "previous_run", "cluster_proportions"):
-            url = getattr(self, name)
-            if url and "{" in url:
-                try:
-                    setattr(self, name, url.format(**values))
-                except (KeyError, IndexError, ValueError):
-                    raise ConfigError(
-                        f"--{name.replace('_', '-')} {url!r}: only {{date}} and "
-                        "{previous_date} can be filled in"
-                    ) from None
+        expand_dates(
+            self, ("input", "output", "init_centroids", "previous_run", "cluster_proportions")
+        )
 
     @property
     def metric(self) -> str:
@@ -335,6 +315,31 @@ class CurateConfig(RunConfig):
         return ks
 
 
+def expand_dates(settings: Any, url_fields: tuple[str, ...]) -> None:
+    """Fill {date} and {previous_date} in the ``url_fields`` of ``settings`` from its
+    ``run_date`` (default: today, UTC), which is set to the date used."""
+    try:
+        day = (
+            datetime.date.fromisoformat(settings.run_date)
+            if settings.run_date
+            else datetime.datetime.now(datetime.timezone.utc).date()
+        )
+    except ValueError:
+        raise ConfigError(f"--run-date must be YYYY-MM-DD, got {settings.run_date!r}") from None
+    settings.run_date = day.isoformat()
+    values = {"date": day.isoformat(), "previous_date": (day - datetime.timedelta(1)).isoformat()}
+    for name in url_fields:
+        url = getattr(settings, name)
+        if url and "{" in url:
+            try:
+                setattr(settings, name, url.format(**values))
+            except (KeyError, IndexError, ValueError):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {url!r}: only {{date}} and "
+                    "{previous_date} can be filled in"
+                ) from None
+
+
 def _as_in_run(name: str) -> Any:
     """RunConfig's field ``name`` (default, help) for another command's settings."""
     f = RunConfig.__dataclass_fields__[name]
@@ -393,6 +398,9 @@ class LabelConfig:
         _require(self.topk >= 0, f"--topk must be >= 0, got {self.topk}")
         _require(self.epsilon is None or self.epsilon > 0, "--epsilon must be > 0")
         _require(not self.duals or bool(self.epsilon), "--duals need --epsilon")
+        if self.id_column == "":
+            self.id_column = None
+        expand_dates(self, ("input", "output", "centroids", "duals"))  # as a run does
         return self
 
 
