@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,8 +299,7 @@ class CurateConfig(RunConfig):
 
     def level1_config(self, **changes: Any) -> RunConfig:
         """The first level's run: this config's run settings, with ``changes``."""
-        values = {f.name: getattr(self, f.name) for f in fields(RunConfig)}
-        return RunConfig(**{**values, **changes}).validate()
+        return RunConfig(**{**run_settings(vars(self)), **changes}).validate()
 
     def level_sizes(self) -> list[int]:
         """The cluster counts of ``levels``, checked: positive and shrinking."""
@@ -338,6 +338,13 @@ def expand_dates(settings: Any, url_fields: tuple[str, ...]) -> None:
                     f"--{name.replace('_', '-')} {url!r}: only {{date}} and "
                     "{previous_date} can be filled in"
                 ) from None
+
+
+def run_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are RunConfig settings: from a manifest's "config",
+    or from another command's settings."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def _as_in_run(name: str) -> Any:

@@ -12,7 +12,6 @@ units, the run's ``manifest["balance"]["epsilon"]``). Nothing is fitted: the run
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pseudolabel.ops.kmeans import KMeansState
-from pseudolabel.pipelines.config import LabelConfig, RunConfig
+from pseudolabel.pipelines.config import LabelConfig, RunConfig, run_settings
 from pseudolabel.pipelines.errors import ConfigError, InputError
 from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, RunOutput, load_npy, npy_bytes
 from pseudolabel.pipelines.io.storage import resolve
@@ -104,10 +103,7 @@ def load_model(cfg: LabelConfig) -> GivenModel:
 
 def run_config(cfg: LabelConfig, model: GivenModel) -> RunConfig:
     """The run settings of a label-only run: the label pass's, and the model's shape."""
-    shared = {f.name for f in dataclasses.fields(RunConfig)} & {
-        f.name for f in dataclasses.fields(LabelConfig)
-    }
-    values = {name: getattr(cfg, name) for name in shared}
+    values = run_settings(vars(cfg))
     values.update(
         k=len(model.centroids),
         spherical=model.spherical,

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pseudolabel.pipelines.commands.summary import text_summary
-from pseudolabel.pipelines.io.label_files import read_columns
 from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, REPORT, RunOutput, load_npy
 from pseudolabel.pipelines.io.storage import resolve
 
@@ -39,6 +39,7 @@ PROJECTED_ROWS = 2_000  # input rows in the 2-D projection
 SHOWN_CLUSTERS = 8  # the largest and the smallest clusters in the table, each
 COLOURED_CLUSTERS = 10  # the projection colours the largest clusters, greys the rest
 EXAMPLE_IDS = 3
+SAMPLED_COLUMNS = ("id", "label", "distance", "topk_distances")  # of the label sample
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}
@@ -239,12 +240,12 @@ def label_sample(output: RunOutput, limit: int = LABEL_SAMPLE_ROWS) -> pa.Table:
     """The first ``limit`` rows of the label files (their small columns)."""
     parts, rows = [], 0
     for f in output.labels.files([".parquet"]):
-        import pyarrow.parquet as pq
-
-        with f.open() as fh:
-            names = pq.ParquetFile(fh).schema_arrow.names
-        wanted = [c for c in ("id", "label", "distance", "topk_distances") if c in names]
-        table = read_columns(f, wanted)
+        with f.open() as fh:  # one open: the schema says which columns there are
+            pf = pq.ParquetFile(fh)
+            names = pf.schema_arrow.names
+            table = pf.read(
+                [c for c in ("id", "label", "distance", "topk_distances") if c in names]
+            )
         parts.append(table.slice(0, limit - rows))
         rows += parts[-1].num_rows
         if rows >= limit:
@@ -297,16 +298,12 @@ def projected_sample(manifest: dict, output: RunOutput, centroids: np.ndarray, o
     centroids (and duals) by the label pass's own rule; None if the input is gone."""
     from pseudolabel.ops.arrays import normalize_rows
     from pseudolabel.ops.balanced import BalancedAssigner
-    from pseudolabel.pipelines.config import RunConfig
+    from pseudolabel.pipelines.config import RunConfig, run_settings
     from pseudolabel.pipelines.io.plan import Shard, make_plan
     from pseudolabel.pipelines.io.read import iter_batches
 
-    config = manifest["config"]
-    known = {f for f in RunConfig.__dataclass_fields__}
-    run_config = RunConfig(
-        **{k: v for k, v in config.items() if k in known and k != "storage_options"},
-        storage_options=options,
-    )
+    config = manifest["config"]  # its storage options are redacted: ``options`` instead
+    run_config = RunConfig(**{**run_settings(config), "storage_options": options})
     settings = run_config.read_settings()
     plan = make_plan(manifest["input"]["url"], settings)
     settings = run_config.read_settings(plan)

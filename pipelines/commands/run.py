@@ -159,8 +159,8 @@ def _run(
         roster = start_roster()  # each labeler reports its node and device here
         with _timed("label", timings):
             asked = _label(
-                config, plan, settings, sizing, output, staging, balance, ledger, roster,
-                centroids_sha256,
+                config, plan, config.read_settings(plan, label_pass=True), sizing, output,
+                staging, balance, ledger, roster, centroids_sha256,
             )  # fmt: skip
         labelers = _ask(roster.members.remote(), "roster")
         warn_fallback("label", sizing.device, labelers)
@@ -267,7 +267,8 @@ def _label(
     roster,
     centroids_sha256: str,
 ) -> int:
-    """Label every row into ``staging``; returns the labeler pool size asked for."""
+    """Label every row into ``staging`` (``settings``: the label pass's, with
+    --keep-columns); returns the labeler pool size asked for."""
     spec = LabelSpec.of(
         config,
         sizing,
@@ -277,7 +278,6 @@ def _label(
     )
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
-    settings = config.read_settings(plan, label_pass=True)  # with --keep-columns
     label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
     return pool.size
 

@@ -537,9 +537,9 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
 
 def _round_config(previous: dict, cfg: TrainConfig, input_url: str, output_url: str, r: int):
     """The first run's settings (from its manifest) for round r's re-embedded rows."""
-    from pseudolabel.pipelines.config import RunConfig, fields
+    from pseudolabel.pipelines.config import RunConfig, run_settings
 
-    values = {f.name: previous[f.name] for f in fields(RunConfig) if f.name in previous}
+    values = run_settings(previous)
     values.update(
         input=input_url,
         output=output_url,

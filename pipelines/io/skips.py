@@ -41,8 +41,8 @@ def start_ledger() -> Any:
 
 def report_skips(ledger: Any, batch: Batch) -> None:
     """Send a batch's skip counts to ``ledger`` (an actor handle or name, a SkipLedger or
-    None),
-    waiting for the answer: a reader's counts are recorded before its rows are used."""
+    None), waiting for the answer: a reader's counts are recorded before its rows are
+    used."""
     if ledger is None or not batch.skipped:
         return
     if isinstance(ledger, SkipLedger):
