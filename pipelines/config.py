@@ -200,6 +200,13 @@ class RunConfig:
                 raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
         if not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options must be a mapping")
+        # Resampling refits on points the workers hold; mini-batch workers stream their
+        # rows and hold none, so the flag would otherwise be silently ignored.
+        _require(
+            not self.resampling_steps or self.algorithm == "lloyd",
+            "--resampling-steps needs --algorithm lloyd (mini-batch workers hold no rows "
+            "to resample)",
+        )
         if self.id_column == "":
             self.id_column = None
         taken = set(OUTPUT_COLUMNS) | {self.id_column or "id", self.embedding_column}

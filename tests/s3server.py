@@ -23,6 +23,8 @@ BAD_KEY = (
 
 
 def free_port() -> int:
+    """A port free a moment ago: only for what cannot bind port 0 and report it (the
+    ports given to `ray start`) and for an endpoint meant to have nothing listening."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -107,8 +109,8 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # the port it bound
+        self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -122,21 +124,28 @@ class FaultProxy:
 
 
 class S3:
-    """moto on a free loopback port, with a FaultProxy in front of it."""
+    """moto on a loopback port, with a FaultProxy in front of it; ``proxy=False``
+    lets clients talk to moto directly (benchmarks: no Python relay in the path)."""
 
-    def __init__(self):
+    def __init__(self, proxy: bool = True):
         from moto.server import ThreadedMotoServer
 
-        self.moto_port = free_port()
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
+        # Port 0: each server binds a port of its own choosing and is asked which (a port
+        # found free and released first could be taken by another process meanwhile).
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
-        self.proxy = FaultProxy(self.moto_port)
+        self.moto_port = self.moto.get_host_and_port()[1]
+        self.proxy = FaultProxy(self.moto_port) if proxy else None
+
+    @property
+    def endpoint(self) -> str:
+        return self.proxy.endpoint if self.proxy else f"http://127.0.0.1:{self.moto_port}"
 
     def options(self, key: str = "testing") -> dict:
         return {
             "key": key,
             "secret": "not-a-real-secret-9f3c",
-            "endpoint_url": self.proxy.endpoint,
+            "endpoint_url": self.endpoint,
             "client_kwargs": {"region_name": "us-west-2"},  # us-east-1 takes no constraint
         }
 
@@ -146,5 +155,6 @@ class S3:
         return s3fs.S3FileSystem(**self.options(), skip_instance_cache=True)
 
     def stop(self) -> None:
-        self.proxy.stop()
+        if self.proxy:
+            self.proxy.stop()
         self.moto.stop()

@@ -8,13 +8,33 @@ import pytest
 from tests.data import mixture, write_parquet_shards
 
 
+def _start_local_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    _start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_ray(ray_local):
+    """A Ray of the module's own, for tests that SIGKILL or SIGSTOP its processes: the
+    shared one is stopped first and started afresh after the module, so nothing they
+    killed, froze or left half-built reaches the tests of another module."""
+    import ray
+
+    ray.shutdown()
+    _start_local_ray()
+    yield
+    ray.shutdown()
+    _start_local_ray()
 
 
 BALANCED_K = 10  # clusters of the balanced fixtures

@@ -55,6 +55,10 @@ def test_bad_yaml(tmp_path):
         ({"workers": 0}, "--workers must be at least 1"),
         ({"algorithm": "dbscan"}, "algorithm must be one of"),
         ({"tol": -1.0}, "--tol must be >= 0"),
+        (
+            {"algorithm": "minibatch", "resampling_steps": 2},
+            r"--resampling-steps needs --algorithm lloyd",
+        ),
     ],
 )
 def test_validation_messages(overrides, message):

@@ -31,7 +31,7 @@ from tests.data import mixture, write_parquet_shards
 BIN = Path(sys.executable).parent
 
 
-def test_worker_killed_mid_fit_is_rebuilt(ray_local, small_dataset):
+def test_worker_killed_mid_fit_is_rebuilt(own_ray, small_dataset):
     root, _, _ = small_dataset
     plan = make_plan(str(root), ReadSettings())
     settings = ReadSettings(dim=plan.dim)
@@ -60,7 +60,7 @@ def test_worker_killed_mid_fit_is_rebuilt(ray_local, small_dataset):
     assert [r.rows for r in disturbed.history] == [6000] * 8
 
 
-def test_a_worker_that_stops_answering_ends_the_fit_within_the_bound(ray_local, small_dataset):
+def test_a_worker_that_stops_answering_ends_the_fit_within_the_bound(own_ray, small_dataset):
     """A worker whose process hangs (SIGSTOP: a frozen host, a partition Ray has not
     noticed) ends the fit with a clear error once --task-timeout passes, instead of a
     wait without end; the iterations done before it are checkpointed by the caller."""
@@ -89,7 +89,7 @@ def test_a_worker_that_stops_answering_ends_the_fit_within_the_bound(ray_local, 
     assert done == [1, 2] and waited < 30
 
 
-def test_stream_worker_killed_mid_epoch_loses_no_rows(ray_local, small_dataset):
+def test_stream_worker_killed_mid_epoch_loses_no_rows(own_ray, small_dataset):
     """A mini-batch worker killed in the middle of an epoch: Ray rebuilds it, but its
     place in the stream is gone, so the epoch starts again from its starting state and
     every epoch still sees every row once."""
@@ -142,16 +142,18 @@ def start(args, ray_tmp, env_extra=None):
     )
 
 
-def kill_when(proc, marker: str, delay: float = 0.0, timeout: float = 180) -> str:
-    """Read the driver's output until ``marker``, then SIGKILL its process group."""
+def kill_when(proc, marker: str, state=None, timeout: float = 180) -> str:
+    """Read the driver's output until ``marker`` and, if given, until ``state()`` holds
+    (the state to interrupt, polled, not waited for by a fixed delay); then SIGKILL the
+    driver's process group."""
     seen, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
         seen.append(line)
-        if marker in line:
-            time.sleep(delay)
+        if marker in line or time.monotonic() > deadline:
             break
-        if time.monotonic() > deadline:
-            break
+    while state is not None and not state() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the state, not a delay standing in for it
+    assert state is None or state(), "the state to interrupt never came"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     text = "".join(seen)
@@ -217,7 +219,11 @@ def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path
     root, rows = slow_dataset
     out = tmp_path / "run"
     args = run_args(root, out, 3)
-    kill_when(start(args, ray_tmp), "label: ", delay=1.5)
+
+    def staged() -> bool:  # the pass has staged a labels file; nothing is published yet
+        return any((out / "_staging").rglob("*.parquet"))
+
+    kill_when(start(args, ray_tmp), "label: ", staged)
     assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
     log = finish(args, ray_tmp)
     assert "fit: complete in checkpoint at iteration 3; not refitting" in log
@@ -228,7 +234,7 @@ def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path
 # ---------------------------------------------------------------------- label workers
 
 
-def test_a_labeler_that_keeps_dying_stops_the_run(ray_local, small_dataset, tmp_path):
+def test_a_labeler_that_keeps_dying_stops_the_run(own_ray, small_dataset, tmp_path):
     """Labelers SIGKILLed again and again (as an OOM killer would): with --max-restarts 1
     the run stops with one clear error after a bounded number of deaths, instead of
     rebuilding labelers forever, and nothing is committed."""
@@ -271,7 +277,7 @@ def test_a_labeler_that_keeps_dying_stops_the_run(ray_local, small_dataset, tmp_
 
 
 def test_a_labeler_that_stops_answering_ends_the_pass_within_the_bound(
-    ray_local, small_dataset, tmp_path
+    own_ray, small_dataset, tmp_path
 ):
     """A labeler frozen mid-pass (SIGSTOP) stalls the label pass: it ends with one clear
     error once no batch moved for max(--task-timeout, --startup-timeout) seconds."""

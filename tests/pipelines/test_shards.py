@@ -118,3 +118,28 @@ def test_resampling_on_workers_equals_in_process(ray_local, small_dataset, strat
     finally:
         data.shutdown()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_more_than_eight_workers_are_summed_in_a_tree(ray_local):
+    # 19 answers: a first layer of three sums (8, 8, 3), then the driver's. Integer-valued
+    # float64 sums are exact in any order, so the tree must equal the plain sum exactly;
+    # a dropped or repeated group would change every field.
+    import ray
+
+    from pseudolabel.ops.stats import PartialStats
+    from pseudolabel.pipelines.runtime.shards import REDUCE_FAN_IN, tree_reduce
+
+    rng = np.random.default_rng(0)
+    parts = [
+        PartialStats(
+            rng.integers(-50, 50, (6, 4)).astype(np.float64),
+            rng.integers(0, 20, 6).astype(np.int64),
+            float(i + 1),
+        )
+        for i in range(19)
+    ]
+    assert len(parts) > 2 * REDUCE_FAN_IN
+    total = tree_reduce([ray.put(p) for p in parts], timeout=60)
+    np.testing.assert_array_equal(total.sums, sum(p.sums for p in parts))
+    np.testing.assert_array_equal(total.counts, sum(p.counts for p in parts))
+    assert total.inertia == sum(range(1, 20))
