@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import run_in_session
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -25,14 +26,7 @@ def test_python_api_example_runs(tmp_path):
     (tmp_path / "example.py").write_text(python_api_example())
     env = {**os.environ, "RAY_ACCEPT_CLUSTER_RESOURCE_WARNINGS": "1"}
     env.pop("RAY_ADDRESS", None)  # its own embedded Ray, as on a laptop
-    out = subprocess.run(
-        [sys.executable, "example.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    out = run_in_session([sys.executable, "example.py"], timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "same centroids: True" in out.stdout
     assert "'label'" in out.stdout and "'topk_labels'" in out.stdout

@@ -12,8 +12,8 @@ under ``OUTPUT/_train/<name>``: a rerun with the same output resumes from the la
     OUTPUT/_SUCCESS              written last
 
 With a truth column, ``--compare`` also trains heads on the nearest-centroid labels and
-on random labels (together, in one more Ray Train run), and scores every head's
-features with a linear probe on the truth. The truth's classes are not counted first:
+on random labels (beside the main head, in the same Ray Train run), and scores every
+head's features with a linear probe on the truth. The truth's classes are not counted first:
 each worker's confusion table widens as class ids turn up.
 """
 
@@ -374,7 +374,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     fingerprint = train_fingerprint(cfg, manifest)
     claim_output(out, fingerprint, cfg.overwrite)
     joined, dim = joined_dataset(cfg, cfg.labels, columns, from_input)
-    main = train_head(cfg, joined, cfg.label_column, "head", dim, k)
+    # --compare's heads train beside the main one, in the same Ray Train run on the same
+    # batches: one start-up, one read, and one checkpoint that resumes them all.
+    targets = {
+        "target": (cfg.label_column, 0),
+        **(_compared(cfg, columns, k) if cfg.compare else {}),
+    }
+    heads = train_heads(cfg, joined, targets, "head", dim, k)
+    main = heads.pop("target")
     _save_head(out, cfg, main.state, dim, k)
     metrics: dict[str, Any] = {
         "labels": run_out.root.url,
@@ -388,7 +395,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         },
     }
     if cfg.compare:
-        metrics["comparison"] = _compare(cfg, joined, main, dim, k, columns)
+        metrics["comparison"] = _compare(cfg, joined, {cfg.label_column: main, **heads}, dim, k)
     if cfg.rounds:
         metrics["rounds"] = _rounds(cfg, manifest, main, dim, k)
     metrics["fingerprint"] = fingerprint
@@ -401,19 +408,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 TRAIN_OUTPUTS = ("head.npz", "head.json", "metrics.json", "rounds", "_train")
 TRAIN_FINGERPRINT = ("_train", "fingerprint.json")
 # Not what the head learns: how training executes; --epochs (more of them continue from
-# the last checkpoint); and the analyses beside the head (--compare, --rounds), whose own
-# heads are trained under their own names.
+# the last checkpoint); and --rounds, whose heads are trained under their own names.
+# --compare is not among them: its heads share the main head's run and checkpoint.
 TRAIN_OPERATIONAL = frozenset(
-    {
-        "output",
-        "overwrite",
-        "workers",
-        "cpus_per_worker",
-        "storage_options",
-        "epochs",
-        "compare",
-        "rounds",
-    }
+    {"output", "overwrite", "workers", "cpus_per_worker", "storage_options", "epochs", "rounds"}
 )
 
 
@@ -448,7 +446,16 @@ def claim_output(out: Location, fingerprint: dict[str, Any], overwrite: bool) ->
     out.join(*TRAIN_FINGERPRINT).write_bytes(json.dumps(fingerprint).encode())
 
 
-def _compare(cfg, joined, main: HeadResult, dim, k, columns) -> dict:
+def _compared(cfg: TrainConfig, columns: list[str], k: int) -> dict[str, tuple[str, int]]:
+    """--compare's other heads (see ``_split``): random labels, and the nearest-centroid
+    labels of a balanced run when the main head is not trained on them."""
+    others = {"random": ("", k)}
+    if "nearest_label" in columns and cfg.label_column != "nearest_label":
+        others["nearest_label"] = ("nearest_label", 0)
+    return others
+
+
+def _compare(cfg, joined, heads: dict[str, HeadResult], dim, k) -> dict:
     """Probe accuracy on the truth of each head's features: pseudo-labels, nearest
     labels, random labels, and the raw embeddings for reference."""
     from pseudolabel.ops.probe import head_features, linear_probe
@@ -459,11 +466,6 @@ def _compare(cfg, joined, main: HeadResult, dim, k, columns) -> dict:
 
     base = splits(joined, cfg, {})
     (xt, yt), (xh, yh) = fetch(base["train"]), fetch(base["heldout"])
-    # The other heads train together, in one Ray Train run: one start-up, one read.
-    others = {"random": ("", k)}
-    if "nearest_label" in columns and cfg.label_column != "nearest_label":
-        others["nearest_label"] = ("nearest_label", 0)
-    heads = {cfg.label_column: main, **train_heads(cfg, joined, others, "head-compare", dim, k)}
     report = {"raw_embeddings": {"probe_accuracy": linear_probe(xt, yt, xh, yh)}}
     for name, result in heads.items():
         head = _head_module(result.state, cfg.head, cfg.hidden, dim, k)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ import pytest
 from pseudolabel.ops.gpu import torch_cuda_ready
 from tests.cluster.autoscaling import FakeAutoscalingCluster
 from tests.data import write_parquet_shards
+from tests.processes import run_in_session
 
 GPU_NODES = 2
 # Each fake GPU node: one worker (1 CPU + 1 GPU) and a CPU for Ray Data's read tasks.
@@ -55,10 +55,8 @@ def cluster(tmp_path):
 
 
 def alive_nodes(cluster: FakeAutoscalingCluster) -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", ALIVE_NODES, cluster.address],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = run_in_session([sys.executable, "-c", ALIVE_NODES, cluster.address],
+                          timeout=120, env=cluster.env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("alive nodes:")]
     return int(line.split()[-1])
@@ -73,12 +71,12 @@ def test_gpu_workers_come_from_zero_run_and_go(cluster, tmp_path):
     assert alive_nodes(cluster) == 1  # the head alone: no GPU anywhere yet
 
     t0 = time.monotonic()
-    done = subprocess.run(
+    done = run_in_session(
         [sys.executable, "-m", "pseudolabel", "run", "--input", str(tmp_path / "in"),
          "--output", str(out), "--k", "4", "--iterations", "3", "--ray-address",
          cluster.address, "--workers", str(GPU_NODES), "--gpus-per-worker", "1",
          "--startup-timeout", "120"],
-        env=cluster.env, capture_output=True, text=True, timeout=240,
+        timeout=240, env=cluster.env,
     )  # fmt: skip
     seconds = time.monotonic() - t0
     text = done.stdout + done.stderr

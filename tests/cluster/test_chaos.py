@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 from tests.data import mixture, write_parquet_shards
+from tests.processes import run_in_session
 
 
 def test_every_disturbance_leaves_the_labels_of_an_undisturbed_run(tmp_path):
@@ -23,10 +23,8 @@ def test_every_disturbance_leaves_the_labels_of_an_undisturbed_run(tmp_path):
     x, _ = mixture(6000, 16, 8, seed=11)
     write_parquet_shards(tmp_path / "in", x, shards=6, row_group_rows=500)
     script = Path(__file__).with_name("chaos.py")
-    done = subprocess.run(
+    done = run_in_session(
         [sys.executable, str(script), str(tmp_path / "in"), str(tmp_path), str(seed)],
-        capture_output=True,
-        text=True,
         timeout=1500,
         cwd=Path(__file__).parents[2],
     )

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.data import write_parquet_shards
+from tests.processes import kill_session
 from tests.s3server import free_port
 
 BIN = Path(sys.executable).parent
@@ -23,8 +24,10 @@ REPO = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on free loopback ports, with its own temp dir and token; every process
-    under that temp dir is killed afterwards (`ray stop` would stop all Ray on the box)."""
+    """A Ray head on free loopback ports (every port that has a fixed default: another Ray
+    of the suite may hold that one), with its own temp dir and token. `ray start` runs in
+    a session of its own, which its daemons keep: that session's processes are killed
+    afterwards (`ray stop` would stop all Ray on the box)."""
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     # As the launcher files do it: token mode, and the token in a file of its own
     # (there ~/.ray/auth_token; here RAY_AUTH_TOKEN_PATH, so that the user's is untouched).
@@ -37,29 +40,34 @@ def head():
         PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     dashboard = free_port()
-    started = subprocess.run(
+    starter = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
     try:
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        out, err = starter.communicate(timeout=180)
+        assert starter.returncode == 0, out[-2000:] + err[-2000:]
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        kill_session(starter.pid)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(env, address, *entrypoint, timeout=400):
+def submit(env, address, *entrypoint, working_dir=True, timeout=400):
     """``ray job submit``; retried while the head's job agent is not registered yet
     (``ray start`` returns before it is, and a loaded machine can take seconds)."""
     deadline = time.monotonic() + 90
+    upload = ["--working-dir", str(REPO)] if working_dir else []
     while True:
         done = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir",
-             str(REPO), "--", *entrypoint],
+            [str(BIN / "ray"), "job", "submit", f"--address={address}", *upload,
+             "--", *entrypoint],
             env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
         )  # fmt: skip
         if "No available agent to submit job" not in done.stderr or time.monotonic() > deadline:
@@ -94,10 +102,7 @@ def test_job_submit_runs_and_commits(head, tmp_path):
 
 
 def submit_echo(env, address):
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", f"--address={address}", "--", "echo", "ran"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return submit(env, address, "echo", "ran", working_dir=False, timeout=120)
 
 
 def test_job_server_refuses_a_job_without_the_token(head):

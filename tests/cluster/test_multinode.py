@@ -1,19 +1,17 @@
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from tests.data import mixture, write_parquet_shards
+from tests.processes import run_in_session
 
 
 def test_workers_spread_over_nodes_and_agree_with_one_node(tmp_path):
     x, _ = mixture(6000, 8, 8, seed=2)
     write_parquet_shards(tmp_path / "in", x, shards=6, row_group_rows=500)
     script = Path(__file__).with_name("multinode.py")
-    done = subprocess.run(
+    done = run_in_session(
         [sys.executable, str(script), str(tmp_path / "in")],
-        capture_output=True,
-        text=True,
         timeout=300,
         cwd=Path(__file__).parents[2],
     )

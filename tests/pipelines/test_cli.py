@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.data import write_parquet_shards
+from tests.processes import kill_session, run_in_session
 
 BIN = Path(sys.executable).parent
 DESIGN_FLAGS = [
@@ -23,10 +24,7 @@ DESIGN_FLAGS = [
 
 def pseudolabel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(
-        [str(BIN / "pseudolabel"), *args],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
+    return run_in_session([str(BIN / "pseudolabel"), *args], timeout=timeout, env=env)
 
 
 def test_help_lists_the_contracted_flags():
@@ -97,8 +95,9 @@ def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
     # 40 rows x 120 columns: a terminal of no size gets no bars (tqdm draws to its width).
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(
-        [str(BIN / "pseudolabel"), *args], stdout=follower, stderr=follower, env=env
-    )
+        [str(BIN / "pseudolabel"), *args], stdout=follower, stderr=follower, env=env,
+        start_new_session=True,  # its Ray is ended with it if it outlives the deadline
+    )  # fmt: skip
     os.close(follower)
     shown, deadline = bytearray(), time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,7 +112,12 @@ def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:
         elif proc.poll() is not None:
             break
     os.close(leader)
-    return proc.wait(timeout=30), shown.decode(errors="replace")
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        kill_session(proc.pid)
+        raise
+    return code, shown.decode(errors="replace")
 
 
 def test_demo(tmp_path):
@@ -233,6 +237,9 @@ FLAG_SAMPLES = {
     "storage_options": {"anon": True}, "id_column": "key", "embedding_column": "vec",
     "keep_columns": "colour,size", "resampling_steps": 2, "duals": "duals.npy",
 }  # fmt: skip
+# Settings that refuse each other's non-default values: the later ones of a pair are
+# given in a second command line, with the earlier at its default.
+FLAG_CONFLICTS = {"resampling_steps": "algorithm"}  # mini-batch holds no rows to resample
 
 
 def _sample(field) -> object:
@@ -267,16 +274,24 @@ def test_every_flag_reaches_the_settings(command):
 
     settings = {"run": cfg.RunConfig, "label": cfg.LabelConfig, "curate": cfg.CurateConfig,
                 "train": cfg.TrainConfig}[command]  # fmt: skip
-    argv, expected = [command], {}
-    for field in cfg.fields(settings):
-        value, flag = _sample(field), "--" + field.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            argv += [flag, json_module.dumps(value) if isinstance(value, dict) else str(value)]
-        expected[field.name] = value
-    got = config_from_args(build_parser().parse_args(argv), settings)
-    for name, value in expected.items():
-        if name in ("input", "output"):  # {date} is filled in from --run-date
-            value = value.replace("{date}", expected.get("run_date", "{date}"))
-        assert getattr(got, name) == value, name
+    fields = cfg.fields(settings)
+    later = {f.name for f in fields if FLAG_CONFLICTS.get(f.name) in {g.name for g in fields}}
+    for given in (
+        {f.name for f in fields} - later,
+        {f.name for f in fields} - set(FLAG_CONFLICTS.values()),
+    ):
+        argv, expected = [command], {}
+        for field in fields:
+            if field.name not in given:
+                continue
+            value, flag = _sample(field), "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            else:
+                argv += [flag, json_module.dumps(value) if isinstance(value, dict) else str(value)]
+            expected[field.name] = value
+        got = config_from_args(build_parser().parse_args(argv), settings)
+        for name, value in expected.items():
+            if name in ("input", "output"):  # {date} is filled in from --run-date
+                value = value.replace("{date}", expected.get("run_date", "{date}"))
+            assert getattr(got, name) == value, name

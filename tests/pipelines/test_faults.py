@@ -27,6 +27,7 @@ from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.runtime.streaming import StreamingShards
 from tests.data import mixture, write_parquet_shards
+from tests.processes import kill_session
 
 BIN = Path(sys.executable).parent
 
@@ -119,20 +120,29 @@ def test_stream_worker_killed_mid_epoch_loses_no_rows(own_ray, small_dataset):
 # ---------------------------------------------------------------------- driver killed
 
 
+class RayTmp(str):
+    """A short private Ray temp dir (socket paths are limited to 107 bytes), and the
+    sessions of the drivers started with it."""
+
+    sessions: list[int]
+
+
 @pytest.fixture
 def ray_tmp():
-    """A short private Ray temp dir (socket paths are limited to 107 bytes). Ray's own
-    processes outlive a SIGKILLed driver: everything under it is killed at the end."""
-    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    """Each driver runs in a session of its own, which the Ray it starts keeps; Ray's
+    processes outlive a SIGKILLed driver, so every recorded session is killed at the end."""
+    path = RayTmp(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    path.sessions = []
     yield path
-    subprocess.run(["pkill", "-9", "-f", path], check=False)
+    for sid in path.sessions:
+        kill_session(sid)
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start(args, ray_tmp, env_extra=None):
+def start(args, ray_tmp: RayTmp, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(BIN / "pseudolabel"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -140,6 +150,8 @@ def start(args, ray_tmp, env_extra=None):
         env=env,
         start_new_session=True,
     )
+    ray_tmp.sessions.append(proc.pid)
+    return proc
 
 
 def kill_when(proc, marker: str, state=None, timeout: float = 180) -> str:
@@ -170,7 +182,7 @@ def finish(args, ray_tmp, timeout=300) -> str:
 
 @pytest.fixture(scope="module")
 def slow_dataset(tmp_path_factory):
-    """Big enough that 200 Lloyd iterations last seconds, small enough for a quick label."""
+    """Big enough that 60 Lloyd iterations last seconds, small enough for a quick label."""
     root = tmp_path_factory.mktemp("slow") / "input"
     x, _ = mixture(120_000, 32, 64, seed=5)
     write_parquet_shards(root, x, shards=4, row_group_rows=10_000)
@@ -205,14 +217,14 @@ def assert_complete(out: Path, rows: int) -> dict:
 def test_driver_killed_mid_fit_resumes(slow_dataset, tmp_path, ray_tmp):
     root, rows = slow_dataset
     out = tmp_path / "run"
-    args = run_args(root, out, 200)
-    kill_when(start(args, ray_tmp), "fit: iter   5/200")
+    args = run_args(root, out, 60)
+    kill_when(start(args, ray_tmp), "fit: iter   5/60")
     assert not (out / "_SUCCESS").exists()
     log = finish(args, ray_tmp)
     assert "fit: resuming from iteration" in log
     manifest = assert_complete(out, rows)
     assert manifest["fit"]["resumed_from_iteration"] >= 5
-    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 200
+    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 60
 
 
 def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path, ray_tmp):

@@ -22,6 +22,14 @@ def nights(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def two_nights(ray_local, nights):
+    """The nightly command on the 21st, then on the 22nd: (first, second) manifests."""
+    first = run(nightly_config(nights, "2026-11-21"))
+    second = run(nightly_config(nights, "2026-11-22"))
+    return first, second
+
+
 def nightly_config(root, run_date, **kw):
     return fast_config(
         input=f"{root}/emb/date={{previous_date}}/", output=f"{root}/runs/{{date}}/", k=6,
@@ -30,14 +38,13 @@ def nightly_config(root, run_date, **kw):
     )  # fmt: skip
 
 
-def test_two_nights(ray_local, nights):
-    first = run(nightly_config(nights, "2026-11-21"))
+def test_two_nights(nights, two_nights):
+    first, second = two_nights
     assert first["input"]["url"].endswith("emb/date=2026-11-20")
     assert "not found: seeded from the data" in first["fit"]["init"]
     assert first["drift"]["missing"] is True
     assert (nights / "runs" / "2026-11-21" / "_SUCCESS").exists()
 
-    second = run(nightly_config(nights, "2026-11-22"))
     assert second["fit"]["init"] == "given"  # warm start from last night's centroids
     drift = second["drift"]
     assert drift["previous_run"].endswith("runs/2026-11-21")
@@ -71,7 +78,7 @@ def test_bad_date_placeholder():
         fast_config(input="in", output="o", k=2, run_date="22/11/2026")
 
 
-def test_report_command_rebuilds_the_report(ray_local, nights, tmp_path):
+def test_report_command_rebuilds_the_report(nights, two_nights, tmp_path):
     from pseudolabel.pipelines.cli import main
 
     out = nights / "runs" / "2026-11-21"
