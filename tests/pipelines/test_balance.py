@@ -230,6 +230,30 @@ def test_label_command_refuses_what_it_cannot_label(dominant, tmp_path):
     assert not (tmp_path / "out" / "labels").exists()  # refused before any labelling
 
 
+def test_balanced_on_a_minibatch_spherical_fit(ray_local, dominant, tmp_path):
+    """Balance after a mini-batch fit (no resident workers: the sample and the passes read
+    the rows again) on cosine scores: sizes within --balance-tol of n / k, and the labels
+    are argmax_j S_ij / eps + log v_j with S the cosine of the unit rows and centroids."""
+    root, x, _ = dominant
+    out = tmp_path / "run"
+    manifest = run(
+        fast_config(input=str(root), output=str(out), k=K, balanced=True, spherical=True,
+                    algorithm="minibatch", batch_rows=500, iterations=3)
+    )  # fmt: skip
+    n, b = len(x), manifest["balance"]
+    table = pq.read_table(out / "labels")
+    sizes = np.bincount(table.column("label").to_numpy(), minlength=K)
+    assert manifest["fit"]["algorithm"] == "minibatch" and b["converged"]
+    assert np.abs(sizes - n // K).max() <= 0.01 * n / K  # --balance-tol 0.01
+    c = np.load(out / "centroids.npy")
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    S = unit[table.column("id").to_numpy()] @ c.T
+    expected = (S / b["epsilon"] + np.load(out / "duals.npy")).argmax(1)
+    # Another BLAS path than the label pass's: a near-tie may fall the other way.
+    assert (table.column("label").to_numpy() == expected).mean() >= 0.999
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npy"])
 def test_cluster_proportions_file(ray_local, dominant, tmp_path, suffix):
     root, x, _ = dominant
