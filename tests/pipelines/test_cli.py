@@ -41,6 +41,9 @@ def test_run_prints_progress_and_summary(tmp_path):
         "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
         "--k", "4", "--iterations", "3", "--tol", "0", "--workers", "2", "--cpus-per-worker",
         "0.5", "--config", str(Path(__file__).parents[2] / "cluster_configs" / "local.yaml"),
+        # Flags whose effect the manifest shows (asserted below).
+        "--init", "random", "--balanced", "--epsilon", "0.01", "--sinkhorn-tol", "0.002",
+        "--score-cache-gb", "0", "--label-workers", "1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for i in (1, 2, 3):
@@ -57,7 +60,13 @@ def test_run_prints_progress_and_summary(tmp_path):
     assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
     label = manifest["label"]  # every labeler reported itself, as many as asked for
-    assert label["actors"] == label["asked"] >= 1 and label["devices"] == ["cpu"] * label["asked"]
+    assert label["actors"] == label["asked"] == 1 and label["devices"] == ["cpu"]
+    assert manifest["fit"]["init"].startswith("random")
+    balance = manifest["balance"]
+    assert balance["epsilon_relative"] == 0.01 and balance["sinkhorn"]["tol"] == 0.002
+    assert balance["sinkhorn"]["marginal_error"] < 0.002
+    assert balance["score_cache"] == [False, False]  # --score-cache-gb 0: scores recomputed
+    assert manifest["clusters"]["balance"]["max_over_min"] <= 1.03  # 750 +- 1%
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
