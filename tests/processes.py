@@ -36,18 +36,18 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    """``subprocess.Popen`` in a session of its own, whose id is the returned process's
+    pid (for ``kill_session``); text output to pipes unless ``kw`` says otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kw}
+    return subprocess.Popen(args, start_new_session=True, **options)
+
+
 def run_in_session(args: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     """``subprocess.run(args, capture_output=True, text=True)`` in a session of its own.
     On timeout every process of the session is killed (the Ray the command started
     included) before ``TimeoutExpired`` is raised."""
-    with subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **kw,
-    ) as proc:
+    with spawn(args, **kw) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -243,9 +243,7 @@ def label_sample(output: RunOutput, limit: int = LABEL_SAMPLE_ROWS) -> pa.Table:
         with f.open() as fh:  # one open: the schema says which columns there are
             pf = pq.ParquetFile(fh)
             names = pf.schema_arrow.names
-            table = pf.read(
-                [c for c in ("id", "label", "distance", "topk_distances") if c in names]
-            )
+            table = pf.read([c for c in SAMPLED_COLUMNS if c in names])
         parts.append(table.slice(0, limit - rows))
         rows += parts[-1].num_rows
         if rows >= limit:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.data import write_parquet_shards
-from tests.processes import kill_session
+from tests.processes import kill_session, spawn
 from tests.s3server import free_port
 
 BIN = Path(sys.executable).parent
@@ -40,15 +40,14 @@ def head():
         PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     dashboard = free_port()
-    starter = subprocess.Popen(
+    starter = spawn(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", f"--dashboard-port={dashboard}",
          f"--ray-client-server-port={free_port()}",
          f"--dashboard-agent-listen-port={free_port()}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
          f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        env=env,
     )  # fmt: skip
     try:
         out, err = starter.communicate(timeout=180)

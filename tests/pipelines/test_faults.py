@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.runtime.streaming import StreamingShards
 from tests.data import mixture, write_parquet_shards
-from tests.processes import kill_session
+from tests.processes import kill_session, spawn
 
 BIN = Path(sys.executable).parent
 
@@ -120,36 +121,30 @@ def test_stream_worker_killed_mid_epoch_loses_no_rows(own_ray, small_dataset):
 # ---------------------------------------------------------------------- driver killed
 
 
-class RayTmp(str):
+@dataclass
+class RayTmp:
     """A short private Ray temp dir (socket paths are limited to 107 bytes), and the
     sessions of the drivers started with it."""
 
-    sessions: list[int]
+    path: str
+    sessions: list[int] = field(default_factory=list)
 
 
 @pytest.fixture
 def ray_tmp():
     """Each driver runs in a session of its own, which the Ray it starts keeps; Ray's
     processes outlive a SIGKILLed driver, so every recorded session is killed at the end."""
-    path = RayTmp(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    path.sessions = []
-    yield path
-    for sid in path.sessions:
+    tmp = RayTmp(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield tmp
+    for sid in tmp.sessions:
         kill_session(sid)
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(tmp.path, ignore_errors=True)
 
 
 def start(args, ray_tmp: RayTmp, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    proc = subprocess.Popen(
-        [str(BIN / "pseudolabel"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    env.update(RAY_TMPDIR=ray_tmp.path, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    proc = spawn([str(BIN / "pseudolabel"), *args], stderr=subprocess.STDOUT, env=env)
     ray_tmp.sessions.append(proc.pid)
     return proc
 
