@@ -186,6 +186,7 @@ def _run(
             "centroids_sha256": centroids_sha256,  # what every labeler checked it loaded
         }
         manifest["fingerprint"] = fingerprint
+        manifest["ray"] = {"cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
         drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
         if drift is not None:
             manifest["drift"] = drift
@@ -340,6 +341,7 @@ def _manifest(
             "nodes": fitted.nodes,
             "device": sizing.device,  # asked for; "devices": what each worker found
             "devices": fitted.devices,
+            "rows_dtypes": fitted.rows_dtypes,  # --dtype, as the workers hold the rows
             "history": fitted.state.history_dicts(),
             "seconds": {k: round(v, 3) for k, v in fitted.seconds.items()},
         },

@@ -178,7 +178,7 @@ def _train_loop(loop: dict) -> None:
     done = len(history[targets[0]])
     train, heldout = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("heldout")
     for epoch in range(done, loop["epochs"]):
-        total = {t: torch.zeros(2, dtype=torch.float64) for t in targets}
+        total = {t: torch.zeros(3, dtype=torch.float64) for t in targets}  # loss, rows, steps
         for model in models.values():
             model.train()
         for batch in train.iter_torch_batches(
@@ -193,7 +193,7 @@ def _train_loop(loop: dict) -> None:
                 opts[t].zero_grad()
                 loss.backward()
                 opts[t].step()
-                total[t] += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+                total[t] += torch.tensor([loss.item() * len(x), len(x), 1], dtype=torch.float64)
         agree = {t: torch.zeros(2, dtype=torch.float64) for t in targets}
         tables = {t: torch.zeros((loop["k"], 0), dtype=torch.float64) for t in targets}
         with torch.no_grad():
@@ -224,6 +224,8 @@ def _train_loop(loop: dict) -> None:
             metrics = {
                 "epoch": epoch + 1,
                 "loss": float(total[t][0] / max(total[t][1], 1)),
+                "train_rows": int(total[t][1]),
+                "steps": int(total[t][2]),  # optimiser steps, all workers together
                 "heldout_agreement": float(agree[t][0] / max(agree[t][1], 1)),
                 "heldout_rows": int(agree[t][1]),
                 "resumed_from_epoch": done,

@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from pseudolabel.ops.hard_balance import Boundary
+from pseudolabel.ops.sinkhorn import RowBlock
 from pseudolabel.pipelines.runtime.actors import gather
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 
@@ -28,10 +29,11 @@ class BalanceShards:
         seed: int = 0,
     ):
         self.actors = data.actors
+        self.centroids = np.ascontiguousarray(centroids, np.float32)
         self.timeout = data.timeout(len(centroids))  # each step scores rows x k once
         self.rows = data.count()
         problem = {
-            "centroids": np.ascontiguousarray(centroids, np.float32),
+            "centroids": self.centroids,
             "cache_bytes": cache_bytes,
             "fraction": float(fraction),
             "seed": seed,
@@ -47,6 +49,12 @@ class BalanceShards:
 
     def _gather(self, refs: list) -> list:
         return gather(refs, self.timeout, "a balancing step")
+
+    def sample_block(self, metric: str) -> RowBlock:
+        """Sinkhorn's whole sample as one in-process ``ops.sinkhorn.RowBlock``, its scores
+        cached: the workers' sampled rows, in worker order, fetched once."""
+        parts = self._gather([a.balance_sample.remote(self.problem_ref) for a in self.actors])
+        return RowBlock(np.concatenate(parts), self.centroids, metric, self.sample_rows)
 
     def score_moments(self) -> np.ndarray:
         problem = self.problem_ref

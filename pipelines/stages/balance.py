@@ -30,6 +30,9 @@ from pseudolabel.pipelines.runtime.shards import ResidentShards
 log = logging.getLogger("pseudolabel")
 
 BALANCE_STATE = "balance.json"
+# Sinkhorn's sample (rows, scores and kernel, float32) solved on the driver at most this
+# big: a constant, whatever the data's size, so the driver does not grow with the input.
+DRIVER_SOLVE_BYTES = 256 * 2**20
 
 
 def target_proportions(config: RunConfig) -> np.ndarray:
@@ -72,13 +75,18 @@ def run_balance(
     n = data.count()
     sample = config.balance_sample * config.k
     fraction = 1.0 if not sample or sample >= n else sample / n
-    shards = BalanceShards(
-        data, centroids, config.score_cache_gb * 2**30, fraction, seed=config.seed
-    )
+    cache_bytes = config.score_cache_gb * 2**30
+    shards = BalanceShards(data, centroids, cache_bytes, fraction, seed=config.seed)
+    # A sample whose rows, scores and kernel fit DRIVER_SOLVE_BYTES (and the score cache
+    # allowed) is solved on the driver: a step is then local arithmetic, not a round
+    # trip to every worker (1-3 ms, which is most of a small solve's time).
+    k, d = centroids.shape
+    on_driver = shards.sample_rows * (2 * k + d) * 4 <= min(DRIVER_SOLVE_BYTES, cache_bytes)
     log.info(
-        "balance: Sinkhorn on %s of %d rows%s, then size corrections on all rows",
+        "balance: Sinkhorn on %s of %d rows (on the %s)%s, then size corrections on all rows",
         f"a sample of {shards.sample_rows}" if fraction < 1 else "all",
         n,
+        "driver" if on_driver else "workers",
         ", warm-started from the previous run's duals" if warm is not None else "",
     )
 
@@ -104,7 +112,7 @@ def run_balance(
     try:
         with progress.bar(None, "balance", "step") as bar:
             result = balanced_duals(
-                shards,
+                shards.sample_block(config.metric) if on_driver else shards,
                 shards,
                 q,
                 n,
@@ -138,7 +146,8 @@ def run_balance(
         )
     info = {
         "sample_rows": shards.sample_rows,
-        "score_cache": shards.cached,
+        "sinkhorn_on": "driver" if on_driver else "workers",
+        "score_cache": shards.cached,  # per worker, when solved on the workers
         "warm_start": warm is not None,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -31,6 +31,7 @@ class FitResult:
     workers: int
     nodes: int
     devices: list[str] = field(default_factory=list)  # each worker's, as it found it
+    rows_dtypes: list[str] = field(default_factory=list)  # what each resident worker holds
     seconds: dict[str, float] = field(default_factory=dict)
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
@@ -202,6 +203,7 @@ def run_fit(
             len(data.actors),
             nodes,
             [i["device"] for i in data.infos],
+            [str(i["rows_dtype"]) for i in data.infos if "rows_dtype" in i],
             {"load": load, **seconds},
             data if kept else None,
         )

@@ -34,7 +34,7 @@ RUN_TIMEOUT = 240  # seconds for one run; a run that hangs is a finding, not a w
 def args_for(root: str, out: Path) -> list[str]:
     return [
         str(BIN), "run", "--input", root, "--output", str(out), "--k", "8",
-        "--iterations", "30", "--tol", "0", "--workers", "2", "--cpus-per-worker", "0.5",
+        "--iterations", "15", "--tol", "0", "--workers", "2", "--cpus-per-worker", "0.5",
         "--label-workers", "1", "--label-batch-rows", "500", "--max-restarts", "3",
     ]  # fmt: skip
 

@@ -89,6 +89,36 @@ def fast_config(**kw):
     return build(**{**defaults, **kw})
 
 
+# fast_config's sizes, as flags: added to a `run` or `curate` command line that lacks them
+# (--k to `run` only: curate's comes from --levels).
+FAST_FLAGS = {"--k": "12", "--workers": "2", "--cpus-per-worker": "0.5", "--label-workers": "1",
+              "--iterations": "10"}  # fmt: skip
+
+
+def cli(*argv: object, code: int = 0) -> dict | None:
+    """``pseudolabel ARGV`` in this process, on the suite's Ray: the parser, the settings'
+    checks and the run a user gets from the command line. Asserts the exit code (2: a
+    one-line error on stderr) and returns the manifest of ``--output``, if written."""
+    import json
+    from pathlib import Path
+
+    from pseudolabel.pipelines.cli import main
+
+    args = [str(a) for a in argv]
+    if args[0] in ("run", "curate"):
+        fill = {
+            f: v
+            for f, v in FAST_FLAGS.items()
+            if f not in args and (f, args[0]) != ("--k", "curate")
+        }
+        args += [a for flag, value in fill.items() for a in (flag, value)]
+    assert main(args) == code, args
+    if "--output" not in args:
+        return None
+    manifest = Path(args[args.index("--output") + 1]) / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.exists() else None
+
+
 def nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.data import write_parquet_shards
+from tests.pipelines.conftest import cli
 from tests.processes import kill_session, run_in_session, spawn
 
 BIN = Path(sys.executable).parent
@@ -43,7 +44,7 @@ def test_run_prints_progress_and_summary(tmp_path):
         "0.5", "--config", str(Path(__file__).parents[2] / "cluster_configs" / "local.yaml"),
         # Flags whose effect the manifest shows (asserted below).
         "--init", "random", "--balanced", "--epsilon", "0.01", "--sinkhorn-tol", "0.002",
-        "--score-cache-gb", "0", "--label-workers", "1",
+        "--score-cache-gb", "0", "--label-workers", "1", "--ray-num-cpus", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for i in (1, 2, 3):
@@ -57,6 +58,7 @@ def test_run_prints_progress_and_summary(tmp_path):
         -3000:
     ]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["ray"] == {"cpus": 3, "gpus": 0}  # the embedded Ray, as --ray-num-cpus said
     assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
     label = manifest["label"]  # every labeler reported itself, as many as asked for
@@ -65,7 +67,8 @@ def test_run_prints_progress_and_summary(tmp_path):
     balance = manifest["balance"]
     assert balance["epsilon_relative"] == 0.01 and balance["sinkhorn"]["tol"] == 0.002
     assert balance["sinkhorn"]["marginal_error"] < 0.002
-    assert balance["score_cache"] == [False, False]  # --score-cache-gb 0: scores recomputed
+    # --score-cache-gb 0: solved on the workers, scores recomputed every step
+    assert balance["sinkhorn_on"] == "workers" and balance["score_cache"] == [False, False]
     assert manifest["clusters"]["balance"]["max_over_min"] <= 1.03  # 750 +- 1%
 
 
@@ -83,10 +86,21 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert "part-00000.parquet: row 5: NaN or inf in embedding" in errors[0]
 
 
-@pytest.mark.parametrize("args", [["--k", "0"], ["--k", "3", "--topk", "5"]])
-def test_config_errors_before_any_work(tmp_path, args):
-    result = pseudolabel("run", "--input", str(tmp_path), "--output", str(tmp_path / "o"), *args)
-    assert result.returncode == 2 and "pseudolabel: error: --" in result.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--k", "0"], "--k must be at least 1, got 0"),
+        (["run", "--k", "3", "--topk", "5"], "--topk 5 exceeds --k 3"),
+        (
+            ["curate", "--levels", "8,4", "--sample-size", "10", "--k", "6"],
+            "--k 6 differs from the first level 8",
+        ),
+    ],
+)
+def test_config_errors_before_any_work(tmp_path, args, message, capsys):
+    cli(args[0], "--input", tmp_path, "--output", tmp_path / "o", *args[1:], code=2)
+    assert capsys.readouterr().err == f"pseudolabel: error: {message}\n"
+    assert not (tmp_path / "o").exists()
 
 
 def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str]:

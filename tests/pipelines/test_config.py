@@ -22,12 +22,21 @@ def test_local_yaml_equals_builtin_defaults():
 
 def test_flags_override_yaml(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("k: 7\niterations: 3\nspherical: true\ninput: a\noutput: b\n")
-    args = build_parser().parse_args(
-        ["run", "--config", str(path), "--iterations", "9", "--no-spherical"]
+    path.write_text(
+        "k: 7\niterations: 3\nspherical: true\nbalanced: true\noverwrite: true\n"
+        "allow_incomplete_previous: true\ninput: a\noutput: b\n"
     )
+    args = build_parser().parse_args(
+        ["run", "--config", str(path), "--iterations", "9", "--no-spherical", "--no-balanced",
+         "--no-overwrite", "--no-allow-incomplete-previous"]
+    )  # fmt: skip
     config = config_from_args(args)
     assert (config.k, config.iterations, config.spherical) == (7, 9, False)
+    assert not (config.balanced or config.overwrite or config.allow_incomplete_previous)
+    # train's switch, the same way
+    path.write_text("compare: true\ntruth_column: t\ninput: a\nlabels: l\noutput: b\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--no-compare"])
+    assert config_from_args(args, cfg.TrainConfig).compare is False
 
 
 def test_unknown_yaml_key_is_named(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,7 +178,7 @@ def finish(args, ray_tmp, timeout=300) -> str:
 
 @pytest.fixture(scope="module")
 def slow_dataset(tmp_path_factory):
-    """Big enough that 60 Lloyd iterations last seconds, small enough for a quick label."""
+    """Big enough that 25 Lloyd iterations last seconds, small enough for a quick label."""
     root = tmp_path_factory.mktemp("slow") / "input"
     x, _ = mixture(120_000, 32, 64, seed=5)
     write_parquet_shards(root, x, shards=4, row_group_rows=10_000)
@@ -212,14 +213,14 @@ def assert_complete(out: Path, rows: int) -> dict:
 def test_driver_killed_mid_fit_resumes(slow_dataset, tmp_path, ray_tmp):
     root, rows = slow_dataset
     out = tmp_path / "run"
-    args = run_args(root, out, 60)
-    kill_when(start(args, ray_tmp), "fit: iter   5/60")
+    args = run_args(root, out, 25)
+    kill_when(start(args, ray_tmp), "fit: iter   5/25")
     assert not (out / "_SUCCESS").exists()
     log = finish(args, ray_tmp)
     assert "fit: resuming from iteration" in log
     manifest = assert_complete(out, rows)
     assert manifest["fit"]["resumed_from_iteration"] >= 5
-    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 60
+    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 25
 
 
 def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path, ray_tmp):
@@ -241,15 +242,13 @@ def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path
 # ---------------------------------------------------------------------- label workers
 
 
-def test_a_labeler_that_keeps_dying_stops_the_run(own_ray, small_dataset, tmp_path):
+def test_a_labeler_that_keeps_dying_stops_the_run(own_ray, small_dataset, tmp_path, capsys):
     """Labelers SIGKILLed again and again (as an OOM killer would): with --max-restarts 1
     the run stops with one clear error after a bounded number of deaths, instead of
     rebuilding labelers forever, and nothing is committed."""
     from ray._private.state import actors  # the GCS's actor table (no dashboard here)
 
-    from pseudolabel.pipelines.commands.run import run
-    from pseudolabel.pipelines.errors import ResourceError
-    from tests.pipelines.conftest import fast_config
+    from tests.pipelines.conftest import cli
 
     root, _, _ = small_dataset
     out = tmp_path / "out"
@@ -273,26 +272,26 @@ def test_a_labeler_that_keeps_dying_stops_the_run(own_ray, small_dataset, tmp_pa
         # Ray Data notices the pool's last death itself ("labelers died"), or, when a
         # labeler dies for good between two of its calls, the pass stops moving and the
         # stall bound ends it: either way one clear error, in bounded time.
-        with pytest.raises(ResourceError, match=r"labelers died|label pass made no progress"):
-            run(fast_config(input=str(root), output=str(out), k=6, iterations=2, max_restarts=1,
-                            startup_timeout=20, task_timeout=5, label_batch_rows=20))  # fmt: skip
+        cli("run", "--input", root, "--output", out, "--k", "6", "--iterations", "2",
+            "--max-restarts", "1", "--startup-timeout", "20", "--task-timeout", "5",
+            "--label-batch-rows", "20", code=2)  # fmt: skip
     finally:
         stop.set()
         thread.join(timeout=30)
-    assert 2 <= len(kills) <= 4, kills
+    error = capsys.readouterr().err
+    assert re.search(r"labelers died more than --max-restarts 1|label pass made no progress", error)
+    assert 2 <= len(kills) <= 4, kills  # --max-restarts 1: two deaths per labeler at most
     assert not (out / "_SUCCESS").exists() and not (out / "labels").exists()
 
 
 def test_a_labeler_that_stops_answering_ends_the_pass_within_the_bound(
-    own_ray, small_dataset, tmp_path
+    own_ray, small_dataset, tmp_path, capsys
 ):
     """A labeler frozen mid-pass (SIGSTOP) stalls the label pass: it ends with one clear
     error once no batch moved for max(--task-timeout, --startup-timeout) seconds."""
     from ray._private.state import actors
 
-    from pseudolabel.pipelines.commands.run import run
-    from pseudolabel.pipelines.errors import ResourceError
-    from tests.pipelines.conftest import fast_config
+    from tests.pipelines.conftest import cli
 
     root, _, _ = small_dataset
     stopped: list[int] = []
@@ -309,15 +308,16 @@ def test_a_labeler_that_stops_answering_ends_the_pass_within_the_bound(
 
     thread = threading.Thread(target=freezer, daemon=True)
     thread.start()
-    config = fast_config(input=str(root), output=str(tmp_path / "out"), k=6, iterations=2,
-                         label_batch_rows=200, task_timeout=2, startup_timeout=8)  # fmt: skip
     try:
-        with pytest.raises(ResourceError, match=r"label pass made no progress for 8 s"):
-            run(config)
+        cli("run", "--input", root, "--output", tmp_path / "out", "--k", "6", "--iterations",
+            "2", "--label-batch-rows", "200", "--task-timeout", "2", "--startup-timeout", "8",
+            code=2)  # fmt: skip
     finally:
         stop.set()
         thread.join(timeout=30)
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+    # The bound is max(--task-timeout, --startup-timeout): the pool's start is waited first.
+    assert "label pass made no progress for 8 s" in capsys.readouterr().err
     assert stopped and not (tmp_path / "out" / "_SUCCESS").exists()

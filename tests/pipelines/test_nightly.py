@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from pseudolabel.pipelines.commands.run import run
 from pseudolabel.pipelines.errors import ConfigError
 from tests.data import mixture, write_parquet_shards
-from tests.pipelines.conftest import fast_config
+from tests.pipelines.conftest import cli, fast_config
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +26,19 @@ def nights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_nights(ray_local, nights):
-    """The nightly command on the 21st, then on the 22nd: (first, second) manifests."""
-    first = run(nightly_config(nights, "2026-11-21"))
-    second = run(nightly_config(nights, "2026-11-22"))
-    return first, second
+    """The nightly command line on the 21st, then on the 22nd: (first, second) manifests."""
+    return nightly(nights, "2026-11-21"), nightly(nights, "2026-11-22")
 
 
-def nightly_config(root, run_date, **kw):
-    return fast_config(
-        input=f"{root}/emb/date={{previous_date}}/", output=f"{root}/runs/{{date}}/", k=6,
-        init_centroids=f"{root}/runs/{{previous_date}}/centroids.npy",
-        previous_run=f"{root}/runs/{{previous_date}}/", run_date=run_date, **kw,
+def nightly(root, run_date: str) -> dict:
+    """The nightly job's command line: {date} and {previous_date} filled from --run-date."""
+    cli(
+        "run", "--input", f"{root}/emb/date={{previous_date}}/",
+        "--output", f"{root}/runs/{{date}}/", "--k", "6",
+        "--init-centroids", f"{root}/runs/{{previous_date}}/centroids.npy",
+        "--previous-run", f"{root}/runs/{{previous_date}}/", "--run-date", run_date,
     )  # fmt: skip
+    return json.loads((root / "runs" / run_date / "manifest.json").read_text())
 
 
 def test_two_nights(nights, two_nights):

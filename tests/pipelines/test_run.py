@@ -10,7 +10,7 @@ import pytest
 from pseudolabel.pipelines.commands.run import run
 from pseudolabel.pipelines.errors import ConfigError, InputError
 from tests.data import write_parquet_shards
-from tests.pipelines.conftest import fast_config, nearest
+from tests.pipelines.conftest import cli, fast_config, nearest
 
 
 def labels_table(out):
@@ -67,10 +67,8 @@ def test_rerun_of_committed_output_is_not_recomputed(ray_local, small_dataset, t
     first = run(config)
     stamp = (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns
     assert run(config) == first
-    assert (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns == stamp
-    config.overwrite = True
-    run(config)
-    assert (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns > stamp
+    assert (tmp_path / "run" / "_SUCCESS").stat().st_mtime_ns == stamp  # not rewritten
+    # --overwrite: test_seed_overwrite_dtype_columns_and_skips_from_the_command_line
 
 
 def test_string_ids_and_npy_input(ray_local, tmp_path):
@@ -91,24 +89,17 @@ def test_string_ids_and_npy_input(ray_local, tmp_path):
 
 def test_minibatch_and_spherical_end_to_end(ray_local, small_dataset, tmp_path):
     root, x, truth = small_dataset
-    m = run(
-        fast_config(
-            input=str(root),
-            output=str(tmp_path / "mb"),
-            algorithm="minibatch",
-            iterations=3,
-            batch_rows=500,
-            workers=1,
-            truth_column="truth",
-        )
-    )
+    # Through the command line: the flags' effects, not only the settings they fill.
+    m = cli(
+        "run", "--input", root, "--output", tmp_path / "mb", "--algorithm", "minibatch",
+        "--iterations", "3", "--batch-rows", "500", "--workers", "1", "--truth-column", "truth",
+    )  # fmt: skip
     assert m["fit"]["algorithm"] == "minibatch" and m["rows"]["output"] == 6000
+    # --batch-rows 500: one worker streams its 6,000 rows in 12 steps an epoch.
+    assert [r["steps"] for r in m["fit"]["history"]] == [12] * len(m["fit"]["history"])
     assert m["metrics"]["truth"]["label"]["nmi"] > 0.9
-    s = run(
-        fast_config(
-            input=str(root), output=str(tmp_path / "sph"), spherical=True, keep_columns="truth"
-        )
-    )
+    s = cli("run", "--input", root, "--output", tmp_path / "sph", "--spherical",
+            "--keep-columns", "truth")  # fmt: skip
     c = np.load(tmp_path / "sph" / "centroids.npy")
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
     assert max(r["inertia"] for r in s["fit"]["history"]) <= 4 * 6000  # |x - c|^2 <= 4
@@ -153,3 +144,57 @@ def test_bad_row_error_names_file_and_row(ray_local, tmp_path):
         "total": 1, "by_reason": {"NaN or inf in embedding": 1}, "files": [],
     }  # fmt: skip
     assert m["rows"]["output"] == 49
+
+
+def test_seed_overwrite_dtype_columns_and_skips_from_the_command_line(ray_local, tmp_path, capsys):
+    """Columns named by --id-column/--embedding-column, a NaN row skipped and counted
+    (--on-bad-rows skip), rows held as float16 (--dtype); the same --seed gives the same
+    centroids, another seed others, which --overwrite puts in place of the old output."""
+    x = np.random.default_rng(5).standard_normal((1500, 6)).astype(np.float32)
+    x[7, 2] = np.nan
+    keys = np.arange(1500, dtype=np.int64) * 3 + 1
+    (tmp_path / "in").mkdir()
+    for part in (0, 1):  # a file for each of the two workers
+        rows = slice(750 * part, 750 * (part + 1))
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), 6)
+        pq.write_table(
+            pa.table({"key": keys[rows], "vec": vec}), tmp_path / "in" / f"{part}.parquet"
+        )
+    flags = ["--input", tmp_path / "in", "--k", "5", "--iterations", "2", "--init", "random",
+             "--id-column", "key", "--embedding-column", "vec", "--on-bad-rows", "skip",
+             "--dtype", "float16"]  # fmt: skip
+    a = cli("run", *flags, "--seed", "1", "--output", tmp_path / "a")
+    cli("run", *flags, "--seed", "1", "--output", tmp_path / "b")
+    assert a["fit"]["rows_dtypes"] == ["float16", "float16"]
+    assert (
+        a["rows"]["skipped"]["by_reason"] == {"NaN or inf in embedding": 1}
+        and a["rows"]["output"] == 1499
+    )
+    ids = labels_table(tmp_path / "a").column("id").to_numpy()
+    assert np.array_equal(np.sort(ids), np.delete(keys, 7))  # the ids are the keys
+    centroids = {name: np.load(tmp_path / name / "centroids.npy") for name in ("a", "b")}
+    np.testing.assert_array_equal(centroids["a"], centroids["b"])
+
+    stamp = (tmp_path / "a" / "_SUCCESS").stat().st_mtime_ns
+    cli("run", *flags, "--seed", "2", "--output", tmp_path / "a", code=2)  # another run's
+    error = capsys.readouterr().err
+    assert "seed: 1 -> 2" in error and "--overwrite" in error
+    cli("run", *flags, "--seed", "2", "--output", tmp_path / "a", "--overwrite")
+    assert (tmp_path / "a" / "_SUCCESS").stat().st_mtime_ns > stamp
+    assert not np.array_equal(np.load(tmp_path / "a" / "centroids.npy"), centroids["b"])
+
+
+def test_resampling_flags_from_the_command_line(ray_local, small_dataset, tmp_path):
+    """--resample-size 1 refits on one row per cluster: the centroids become input rows.
+    --resample-strategy closest takes each cluster's row nearest its centre, random any
+    of its rows: the closest rows label the data with a smaller mean distance."""
+    root, x, _ = small_dataset
+    mean_distance = {}
+    for strategy in ("closest", "random"):
+        out = tmp_path / strategy
+        m = cli("run", "--input", root, "--output", out, "--resampling-steps", "1",
+                "--resample-size", "1", "--resample-strategy", strategy)  # fmt: skip
+        c = np.load(out / "centroids.npy")
+        assert (((x[:, None, :] - c[None]) ** 2).sum(-1).min(0) == 0).all()  # each is a row
+        mean_distance[strategy] = m["metrics"]["mean_distance"]
+    assert mean_distance["closest"] < mean_distance["random"], mean_distance

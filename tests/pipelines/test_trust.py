@@ -12,7 +12,7 @@ import pytest
 from pseudolabel.pipelines.commands.run import run
 from pseudolabel.pipelines.errors import ConfigError
 from tests.data import write_parquet_shards
-from tests.pipelines.conftest import fast_config
+from tests.pipelines.conftest import cli, fast_config
 from tests.pipelines.test_cli import pseudolabel
 
 
@@ -39,14 +39,11 @@ def test_rerun_with_other_settings_fails_fast_and_names_the_field(finished):
     assert "k: 4 -> 7" in refused.stderr and "--overwrite" in refused.stderr
     assert "ray:" not in refused.stdout + refused.stderr  # refused before Ray started
     assert seconds < 5, seconds  # process start and imports included
-    # The same settings on a differently sized cluster reuse the result...
+    # The same settings on a differently sized cluster reuse the result (--overwrite
+    # recomputing: test_run.py::test_seed_overwrite_dtype_columns_and_skips_from_the_command_line).
     reused = pseudolabel(*args, "--k", "4", "--iterations", "2", "--workers", "1")
     assert reused.returncode == 0, reused.stderr[-2000:]
     assert "is complete (_SUCCESS)" in reused.stdout + reused.stderr
-    # ... and --overwrite recomputes with the new ones.
-    _, config, _ = finished
-    config.k, config.overwrite = 7, True
-    assert run(config)["fingerprint"]["k"] == 7
 
 
 def rewrite_first_shard(tmp_path) -> None:
@@ -78,5 +75,9 @@ def test_nightly_run_refuses_an_unfinished_previous_run(finished):
         with pytest.raises(ConfigError, match=r"has no _SUCCESS .*--allow-incomplete-previous"):
             run(night)
         assert not (tmp_path / "night" / "_SUCCESS").exists()
-    night.allow_incomplete_previous = True  # asked for: a warning, and the run goes on
-    assert run(night)["rows"]["output"] == 2000
+    # Asked for on the command line: a warning, and the run goes on.
+    night = cli(
+        "run", "--input", tmp_path / "in", "--output", tmp_path / "night", "--k", "4",
+        "--iterations", "2", "--previous-run", previous, "--allow-incomplete-previous",
+    )  # fmt: skip
+    assert night["rows"]["output"] == 2000 and night["drift"]["previous_run"].endswith("/out")

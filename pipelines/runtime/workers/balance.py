@@ -33,6 +33,10 @@ class BalanceRole:
     def balance_sample_size(self, problem: dict) -> int:
         return len(self._sample_rows(problem))
 
+    def balance_sample(self, problem: dict) -> np.ndarray:
+        """This worker's share of Sinkhorn's sample, for a solve on the driver."""
+        return self._sample_rows(problem)
+
     def _block(self, problem: dict, stage: tuple | None) -> RowBlock:
         block = self._row_block
         if block is None:
