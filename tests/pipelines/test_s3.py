@@ -65,7 +65,7 @@ def test_s3_in_s3_out(ray_local, s3, bucket, s3_input):
 
 def test_transient_slowdowns_are_retried(ray_local, s3, bucket, s3_input):
     url, x = s3_input
-    s3.proxy.fail_every = 7  # every 7th request, of every kind, gets 503 SlowDown
+    s3.proxy.fail_every = 12  # every 12th request, of every kind, gets 503 SlowDown
     manifest = run(
         fast_config(
             input=url,
