@@ -178,7 +178,7 @@ def finish(args, ray_tmp, timeout=300) -> str:
 
 @pytest.fixture(scope="module")
 def slow_dataset(tmp_path_factory):
-    """Big enough that 25 Lloyd iterations last seconds, small enough for a quick label."""
+    """Big enough that 40 Lloyd iterations last seconds, small enough for a quick label."""
     root = tmp_path_factory.mktemp("slow") / "input"
     x, _ = mixture(120_000, 32, 64, seed=5)
     write_parquet_shards(root, x, shards=4, row_group_rows=10_000)
@@ -213,14 +213,14 @@ def assert_complete(out: Path, rows: int) -> dict:
 def test_driver_killed_mid_fit_resumes(slow_dataset, tmp_path, ray_tmp):
     root, rows = slow_dataset
     out = tmp_path / "run"
-    args = run_args(root, out, 25)
-    kill_when(start(args, ray_tmp), "fit: iter   5/25")
+    args = run_args(root, out, 40)
+    kill_when(start(args, ray_tmp), "fit: iter   5/40")
     assert not (out / "_SUCCESS").exists()
     log = finish(args, ray_tmp)
     assert "fit: resuming from iteration" in log
     manifest = assert_complete(out, rows)
     assert manifest["fit"]["resumed_from_iteration"] >= 5
-    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 25
+    assert len(manifest["fit"]["history"]) == manifest["fit"]["iterations_run"] == 40
 
 
 def test_driver_killed_mid_label_leaves_nothing_half_done(slow_dataset, tmp_path, ray_tmp):
