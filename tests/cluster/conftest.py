@@ -1,11 +1,12 @@
-"""Starts the chaos run (``test_chaos.py``) in the background when the suite is collected
-with its test among those to run: the rest of the suite runs while it does."""
+"""Starts the chaos run (``background.py``) when the suite is collected with its test
+among those to run: the rest of the suite runs while it does."""
 
 from __future__ import annotations
 
 import pytest
 
-CHAOS = pytest.StashKey()
+from tests.cluster.background import CHAOS, start_chaos
+
 CHAOS_TEST = "test_chaos.py::test_every_disturbance_leaves_the_labels_of_an_undisturbed_run"
 
 
@@ -13,8 +14,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     if any(item.nodeid.endswith(CHAOS_TEST) for item in session.items):
-        from tests.cluster.test_chaos import start_chaos
-
         session.config.stash[CHAOS] = start_chaos()
 
 
