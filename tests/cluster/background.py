@@ -52,10 +52,13 @@ def start_chaos() -> ChaosRun:
     write_parquet_shards(work / "in", x, shards=6, row_group_rows=500)
     script = Path(__file__).with_name("chaos.py")
     # Output to files, not pipes: nobody reads a pipe until the test runs, and a full
-    # one would stop the run.
+    # one would stop the run. A Ray temp dir of its own: its cluster's head writes the
+    # "current cluster" address there, where a ray.init() of another test, which
+    # looks in /tmp/ray, does not find it and join it.
+    env = {**os.environ, "RAY_TMPDIR": str(work)}
     with open(work / "stdout", "w") as out, open(work / "stderr", "w") as err:
         proc = spawn([sys.executable, str(script), str(work / "in"), str(work), str(seed)],
-                     stdout=out, stderr=err, cwd=Path(__file__).parents[2])  # fmt: skip
+                     stdout=out, stderr=err, cwd=Path(__file__).parents[2], env=env)  # fmt: skip
     return ChaosRun(proc, seed, work)
 
 
