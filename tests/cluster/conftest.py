@@ -1,5 +1,6 @@
 """Starts the chaos run (``background.py``) when the suite is collected with its test
-among those to run: the rest of the suite runs while it does."""
+among those to run, and moves that test last (after pytest-randomly's shuffle, which
+the rest of the suite keeps): the rest of the suite runs while the chaos run does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ CHAOS_TEST = "test_chaos.py::test_every_disturbance_leaves_the_labels_of_an_undi
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
-    if any(item.nodeid.endswith(CHAOS_TEST) for item in session.items):
+    chaos = [item for item in session.items if item.nodeid.endswith(CHAOS_TEST)]
+    if chaos:
+        session.items[:] = [item for item in session.items if item not in chaos] + chaos
         session.config.stash[CHAOS] = start_chaos()
 
 
