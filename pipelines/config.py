@@ -95,7 +95,7 @@ class RunConfig:
     balance_tol: float = _opt(
         DEFAULT_TOL, "balanced sizes end within this fraction of their targets (>= 1 row)"
     )
-    balance_passes: int = _opt(30, "passes over the rows at most to correct balanced sizes")
+    balance_passes: int = _opt(40, "passes over the rows at most to correct balanced sizes")
     cluster_proportions: str | None = _opt(
         None,
         "target cluster sizes: .npy or JSON list of k weights (default: equal)",

@@ -175,10 +175,10 @@ def test_integer_targets_sum_to_n():
 def test_a_sinkhorn_that_stops_early_says_so_and_the_passes_improve_on_it(skewed):
     """Sinkhorn cut off after 5 steps (--sinkhorn-iterations 5) has not converged and
     says so. The passes over every row then move the sizes toward their targets, but
-    from so poor a start 30 passes do not reach them (91 rows off at most, of 200 per
-    cluster, when this was written): the result says it has not converged, which the run
-    turns into a warning and manifest["balance"]["converged"] = false. Closing that gap
-    is the balanced-labels issue's work."""
+    from so poor a start (its eps is the first stage's, near the score scale) the default
+    40 passes do not reach them (99 rows off at most, of 200 per cluster, when this was
+    written): the result says it has not converged, which the run turns into a warning and
+    manifest["balance"]["converged"] = false."""
     x, c, _ = skewed
     n = len(x)
     block = RowBlock(x, c, "l2", n)
@@ -188,4 +188,4 @@ def test_a_sinkhorn_that_stops_early_says_so_and_the_passes_improve_on_it(skewed
     start = np.abs(np.bincount(block.labels(cut.sinkhorn.beta), minlength=K) - n // K).sum()
     end = np.abs(np.bincount(block.labels(cut.beta), minlength=K) - n // K).sum()
     assert end < start / 2  # the passes more than halve the rows off target
-    assert not cut.converged and cut.sizes.max_deviation > 0.01 and cut.sizes.passes == 30
+    assert not cut.converged and cut.sizes.max_deviation > 0.01 and cut.sizes.passes == 40
