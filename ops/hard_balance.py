@@ -57,7 +57,7 @@ CANDIDATES = 4
 HOT = 32
 REBASE = 0.25  # a pass that would score more than this share of rows afresh scores all
 MAX_EPOCHS = 64  # and so does a pass after this many partial ones
-NEGLIGIBLE = 1e-9  # pair weights below this / h are left out
+NEGLIGIBLE = 1e-4  # pair weights below this / h are left out (rows ~9 widths off a boundary)
 # A lone cluster (no rows near its boundary) moves just past the gap it must cross, by
 # PAST kernel widths.
 PAST = 1e-3
@@ -67,6 +67,7 @@ RIDGE = 1e-3  # L + RIDGE diag L: positive definite within a group, nearly Newto
 SOFT_SHARE = 0.5
 STAGE_FACTOR = 0.5
 RECOVER = 2.0
+REACH = 64.0  # a Newton move spans at most this many kernel widths (see newton_step)
 DEFAULT_TOL = 0.01  # each size within 1% of its target (and at least 1 row)
 
 
@@ -138,8 +139,9 @@ class _Part:
 
     def add_candidates(self, best: np.ndarray, z: np.ndarray, width: float) -> None:
         """Rows given by their candidate columns ``best`` (m, top) and adjusted scores
-        ``z`` (float64, best first): counts, leave gaps, candidates' enter gaps, the
-        softmax at temperature ``width`` over the candidates and its pair weights."""
+        ``z`` (float64, each row's best first, the rest in any order): counts, leave gaps,
+        candidates' enter gaps, the softmax at temperature ``width`` over the candidates
+        and its pair weights."""
         k = len(self.counts)
         self.counts += np.bincount(best[:, 0], minlength=k)
         self.best_total += float(z[:, 0].sum())
@@ -147,10 +149,10 @@ class _Part:
             self.soft += np.bincount(best[:, 0], minlength=k)
             self.soft_total += float(z[:, 0].sum())
             return
-        np.minimum.at(self.leave, best[:, 0], z[:, 0] - z[:, 1])
+        np.minimum.at(self.leave, best[:, 0], z[:, 0] - _row_max(z[:, 1:]))
         np.minimum.at(self.enter, best[:, 1:].ravel(), (z[:, :1] - z[:, 1:]).ravel())
         p = np.exp((z - z[:, :1]) / width)
-        mass = p.sum(axis=1)
+        mass = _row_reduce(np.add, p)
         self.soft_total += float((z[:, 0] + width * np.log(mass)).sum())
         p /= mass[:, None]
         self.soft += np.bincount(best.ravel(), p.ravel(), k)
@@ -256,8 +258,8 @@ class BoundaryBlock:
             slot = hot_slot[cand]
             held = np.nonzero(slot >= 0)
             zh[held[0], slot[held]] = -np.inf  # already a candidate
-            cand, z = _sorted(cand, z)
-            enters = np.flatnonzero(zh.max(axis=1) > z[:, -1])
+            cand, z = _best_first(cand, z)
+            enters = np.flatnonzero(_row_max(zh) > _row_reduce(np.minimum, z))
             if len(enters):  # a hot column beats a candidate: the best of both
                 cols = np.concatenate([cand[enters], np.broadcast_to(hot, zh[enters].shape)], 1)
                 both = np.concatenate([z[enters], zh[enters]], axis=1)
@@ -303,10 +305,34 @@ class BoundaryBlock:
         self.outside[rows] = outside.astype(np.float64)
 
 
-def _sorted(cand: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's candidates and scores, best first (copies)."""
-    order = np.argsort(-z, axis=1, kind="stable")
-    return np.take_along_axis(cand, order, 1), np.take_along_axis(z, order, 1)
+def _row_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
+    """ufunc over each row of a narrow (m, c) array, a column at a time: numpy reduces a
+    short inner axis row by row, 16x slower here at c = 4."""
+    out = a[:, 0].copy()
+    for c in range(1, a.shape[1]):
+        ufunc(out, a[:, c], out=out)
+    return out
+
+
+def _row_max(a: np.ndarray) -> np.ndarray:
+    return _row_reduce(np.maximum, a)
+
+
+def _best_first(cand: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's candidates and scores with its best in column 0 (swapped there; the
+    rest in no particular order). Copies."""
+    rows = np.arange(len(z))
+    top, best = np.zeros(len(z), np.intp), z[:, 0]
+    for c in range(1, z.shape[1]):  # argmax by columns: the first of equal maxima, as numpy's
+        better = z[:, c] > best
+        top[better] = c
+        best = np.where(better, z[:, c], best)
+    cand, z = cand.copy(), z.copy()
+    for a in (cand, z):
+        first = a[:, 0].copy()
+        a[:, 0] = a[rows, top]
+        a[rows, top] = first
+    return cand, z
 
 
 def _softmax_pairs(
@@ -382,6 +408,11 @@ def newton_step(b: Boundary, rhs: np.ndarray, width: float) -> np.ndarray:
         precondition = np.where(linked, (1.0 + RIDGE) * diag, 0.0)
         delta = conjugate_gradient(matvec, np.where(linked, rhs - net[group], 0.0), precondition)
         delta -= (np.bincount(group, delta, k) / np.maximum(size, 1))[group]
+        # A cluster with a row or two on its boundary has a curvature that promises rows
+        # the step may not find: a move of a hundred widths floods it with a whole
+        # component (seen at 1M x 128, k = 1000). REACH widths took the passes from 32 to
+        # 26 there; 16 stalls, 128 floods again.
+        np.clip(delta, -REACH * width, REACH * width, out=delta)
     lone = ~linked & (np.abs(rhs) >= 0.5) & np.isfinite(gap)
     delta[lone] = np.sign(rhs[lone]) * (gap[lone] + PAST * width)
     return delta
