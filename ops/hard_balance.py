@@ -67,6 +67,11 @@ RIDGE = 1e-3  # L + RIDGE diag L: positive definite within a group, nearly Newto
 SOFT_SHARE = 0.5
 STAGE_FACTOR = 0.5
 RECOVER = 2.0
+# A cluster is linked (takes Newton moves) when its curvature is at least LINK / h: a row
+# right on its boundary adds 1 / (4h). Measured passes to 1% (1M x 128 k = 1000; 200k x 128
+# k = 200; 300k x 128 k = 3000): 0.25: 24, 18, not in 40; 0.1: 18, 14, 38; 0.01: 26, 16,
+# not in 40. Below, a cluster moves only past its nearest row, a row a pass.
+LINK = 0.1
 REACH = 64.0  # a Newton move spans at most this many kernel widths (see newton_step)
 DEFAULT_TOL = 0.01  # each size within 1% of its target (and at least 1 row)
 
@@ -364,12 +369,11 @@ def integer_targets(q: np.ndarray, n: int) -> np.ndarray:
 
 
 def linked_clusters(b: Boundary, width: float) -> np.ndarray:
-    """(k,) bool: clusters with at least a row's worth of curvature in F_h (a row on the
-    boundary of two clusters adds 1 / (4h) to both)."""
+    """(k,) bool: clusters with curvature at least LINK / h in F_h."""
     k = len(b.counts)
     j, m = np.divmod(b.pairs, k)
     diag = np.bincount(j, b.weights, k) + np.bincount(m, b.weights, k)
-    return diag * width >= 0.25
+    return diag * width >= LINK
 
 
 def newton_step(b: Boundary, rhs: np.ndarray, width: float) -> np.ndarray:
@@ -411,7 +415,7 @@ def newton_step(b: Boundary, rhs: np.ndarray, width: float) -> np.ndarray:
         # A cluster with a row or two on its boundary has a curvature that promises rows
         # the step may not find: a move of a hundred widths floods it with a whole
         # component (seen at 1M x 128, k = 1000). REACH widths took the passes from 32 to
-        # 26 there; 16 stalls, 128 floods again.
+        # 24 there; 16 stalls, 128 floods again.
         np.clip(delta, -REACH * width, REACH * width, out=delta)
     lone = ~linked & (np.abs(rhs) >= 0.5) & np.isfinite(gap)
     delta[lone] = np.sign(rhs[lone]) * (gap[lone] + PAST * width)
