@@ -32,8 +32,8 @@ are within the tolerance. It starts at Sinkhorn's final eps, from Sinkhorn's dua
 F_h's minimum already, up to the sample's error. (An earlier version took Newton steps on
 the hard counts with the kernel's Hessian and accepted them by F: the two disagree, and at
 1M x 128, k = 1000 it stopped 5% off after 30 passes; this one reaches 0.6% in 32.)
-A pass over the rows returns k-vectors (counts, soft counts, gaps), F's and F_h's first
-terms and the summed pair weights: never rows, so it runs where the rows are, at any
+A pass over the rows returns k-vectors (counts, soft counts, gaps), F_h's first term
+and the summed pair weights: never rows, so it runs where the rows are, at any
 scale.
 """
 
@@ -85,7 +85,6 @@ class Boundary:
     weights: np.ndarray  # (p,) float64: the kernel weight summed over those rows
     enter_gap: np.ndarray  # (k,) least rise of g_j that brings some row into j (inf: none)
     leave_gap: np.ndarray  # (k,) least fall of g_j that lets one of j's rows go (inf: none)
-    best_total: float = 0.0  # sum_i max_j (S_ij + g_j), float64
     # The smoothed problem at the pass's width h, over each row's candidates:
     soft: np.ndarray = field(default_factory=lambda: np.empty(0))  # (k,) sum_i p_ij
     soft_total: float = 0.0  # sum_i h log sum_j exp((S_ij + g_j) / h)
@@ -94,12 +93,6 @@ class Boundary:
         """F_h(g) = sum_i h lse_j((S_ij + g_j) / h) - sum_j t_j g_j: smooth and convex, with
         gradient soft - t and Hessian the Laplacian of the pair weights; F_h -> F as h -> 0."""
         return self.soft_total - float(np.dot(targets, g))
-
-    def dual_objective(self, g: np.ndarray, targets: np.ndarray) -> float:
-        """F(g) = sum_i max_j (S_ij + g_j) - sum_j t_j g_j: the LP dual of the balanced
-        assignment, convex in g, least exactly at the duals whose labels have sizes t
-        (its subgradient is c(g) - t)."""
-        return self.best_total - float(np.dot(targets, g))
 
     @staticmethod
     def merge(parts: list[Boundary]) -> Boundary:
@@ -113,7 +106,6 @@ class Boundary:
             weights=np.bincount(inverse, weights, len(pairs)),
             enter_gap=np.min([p.enter_gap for p in parts], axis=0),
             leave_gap=np.min([p.leave_gap for p in parts], axis=0),
-            best_total=float(sum(p.best_total for p in parts)),
             soft=np.sum([p.soft for p in parts], axis=0),
             soft_total=float(sum(p.soft_total for p in parts)),
         )
@@ -135,7 +127,6 @@ class _Part:
     soft: np.ndarray
     codes: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray] = field(default_factory=list)
-    best_total: float = 0.0
     soft_total: float = 0.0
 
     @classmethod
@@ -149,12 +140,11 @@ class _Part:
         and its pair weights."""
         k = len(self.counts)
         self.counts += np.bincount(best[:, 0], minlength=k)
-        self.best_total += float(z[:, 0].sum())
         if best.shape[1] == 1:
             self.soft += np.bincount(best[:, 0], minlength=k)
             self.soft_total += float(z[:, 0].sum())
             return
-        np.minimum.at(self.leave, best[:, 0], z[:, 0] - _row_max(z[:, 1:]))
+        np.minimum.at(self.leave, best[:, 0], z[:, 0] - _row_reduce(np.maximum, z[:, 1:]))
         np.minimum.at(self.enter, best[:, 1:].ravel(), (z[:, :1] - z[:, 1:]).ravel())
         p = np.exp((z - z[:, :1]) / width)
         mass = _row_reduce(np.add, p)
@@ -172,7 +162,7 @@ class _Part:
         else:
             pairs, w = np.empty(0, np.int64), np.empty(0)
         out = Boundary(self.counts, pairs, w, self.enter, self.leave)
-        out.best_total, out.soft, out.soft_total = self.best_total, self.soft, self.soft_total
+        out.soft, out.soft_total = self.soft, self.soft_total
         return out
 
 
@@ -263,8 +253,9 @@ class BoundaryBlock:
             slot = hot_slot[cand]
             held = np.nonzero(slot >= 0)
             zh[held[0], slot[held]] = -np.inf  # already a candidate
-            cand, z = _best_first(cand, z)
-            enters = np.flatnonzero(_row_max(zh) > _row_reduce(np.minimum, z))
+            cand = cand.copy()  # a view of the cache until now; z is already new
+            _best_first(cand, z)
+            enters = np.flatnonzero(_row_reduce(np.maximum, zh) > _row_reduce(np.minimum, z))
             if len(enters):  # a hot column beats a candidate: the best of both
                 cols = np.concatenate([cand[enters], np.broadcast_to(hot, zh[enters].shape)], 1)
                 both = np.concatenate([z[enters], zh[enters]], axis=1)
@@ -319,25 +310,19 @@ def _row_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _row_max(a: np.ndarray) -> np.ndarray:
-    return _row_reduce(np.maximum, a)
-
-
-def _best_first(cand: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's candidates and scores with its best in column 0 (swapped there; the
-    rest in no particular order). Copies."""
+def _best_first(cand: np.ndarray, z: np.ndarray) -> None:
+    """Swaps each row's best candidate and score into column 0, in place (the rest stay
+    in no particular order)."""
     rows = np.arange(len(z))
     top, best = np.zeros(len(z), np.intp), z[:, 0]
     for c in range(1, z.shape[1]):  # argmax by columns: the first of equal maxima, as numpy's
         better = z[:, c] > best
         top[better] = c
         best = np.where(better, z[:, c], best)
-    cand, z = cand.copy(), z.copy()
     for a in (cand, z):
         first = a[:, 0].copy()
         a[:, 0] = a[rows, top]
         a[rows, top] = first
-    return cand, z
 
 
 def _softmax_pairs(
@@ -368,14 +353,6 @@ def integer_targets(q: np.ndarray, n: int) -> np.ndarray:
     return t
 
 
-def linked_clusters(b: Boundary, width: float) -> np.ndarray:
-    """(k,) bool: clusters with curvature at least LINK / h in F_h."""
-    k = len(b.counts)
-    j, m = np.divmod(b.pairs, k)
-    diag = np.bincount(j, b.weights, k) + np.bincount(m, b.weights, k)
-    return diag * width >= LINK
-
-
 def newton_step(b: Boundary, rhs: np.ndarray, width: float) -> np.ndarray:
     """The move (k,) of the duals: Newton's on F_h (h = ``width``) toward soft sizes
     ``rhs`` away.
@@ -392,7 +369,7 @@ def newton_step(b: Boundary, rhs: np.ndarray, width: float) -> np.ndarray:
     w = b.weights
     diag = np.bincount(j, w, k) + np.bincount(m, w, k)
     rhs = np.asarray(rhs, np.float64)
-    linked = linked_clusters(b, width)
+    linked = diag * width >= LINK
     gap = np.where(rhs > 0, b.enter_gap, b.leave_gap)
 
     def matvec(v: np.ndarray) -> np.ndarray:
