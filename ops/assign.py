@@ -33,10 +33,18 @@ class CentroidIndex:
         self.device = device
         self._search = _make_backend(self.centroids, metric, device)
 
+    rows_per_call = DEFAULT_CHUNK_ROWS
+
     def search(
-        self, x: np.ndarray, m: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS
+        self,
+        x: np.ndarray,
+        m: int = 1,
+        previous: np.ndarray | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """x (n, d) float32/float16 -> D (n, m) float32, I (n, m) int64, best first."""
+        """x (n, d) float32/float16 -> D (n, m) float32, I (n, m) int64, best first.
+        ``previous`` (the rows' earlier labels) is what ``ops.neighbours`` starts from;
+        an exact search needs none and ignores it."""
         n = x.shape[0]
         D = np.empty((n, m), dtype=np.float32)
         I = np.empty((n, m), dtype=np.int64)

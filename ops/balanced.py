@@ -22,6 +22,7 @@ import numpy as np
 
 from pseudolabel.ops.arrays import as_float32, iter_chunks, squared_norms
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.kmeans import neighbour_graph
 from pseudolabel.ops.scores import sq_distances_from_scores, sq_distances_from_search
 
 BLOCK_ROWS = 1024  # rows per sgemm: large enough for BLAS, S (rows x k) stays in cache
@@ -42,7 +43,11 @@ class Assignment:
 
 class BalancedAssigner:
     """Nearest and balanced labels for centroids (k, d) and column potentials beta (k,),
-    in score units (``SinkhornResult.beta``), with the plan's eps for soft top-M."""
+    in score units (``SinkhornResult.beta``), with the plan's eps for soft top-M.
+
+    ``search="approx"`` finds the nearest labels (and top-M) with ``ops.neighbours``'s
+    graph on the CPU; balanced labels need every score and stay exact.
+    """
 
     def __init__(
         self,
@@ -51,12 +56,18 @@ class BalancedAssigner:
         beta: np.ndarray | None = None,
         epsilon: float | None = None,
         device: str = "cpu",
+        search: str = "flat",
+        seed: int = 0,
     ):
         self.centroids = as_float32(centroids)
         self.metric = metric
         self.beta = None if beta is None else np.asarray(beta, np.float32)
         self.epsilon = epsilon
-        self.index = CentroidIndex(self.centroids, metric, device) if beta is None else None
+        self.index = None
+        if beta is None and search == "approx" and device == "cpu":
+            self.index = neighbour_graph(self.centroids, metric, seed)
+        elif beta is None:
+            self.index = CentroidIndex(self.centroids, metric, device)
         # The balanced scores are a numpy sgemm: on the CPU whatever was asked for.
         self.device = device if beta is None else "cpu"
         self.augmented = None if beta is None else _augmented_centroids(self.centroids, metric)

@@ -42,7 +42,11 @@ class ShardedData(Protocol):
         on how rows are split over workers."""
         ...
 
-    def partial_stats(self, centroids: np.ndarray) -> PartialStats: ...
+    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
+        """Statistics of one assignment step. ``near``: an ``ops.neighbours.CentroidGraph``
+        of ``centroids``; the data then scores each row near its label of the previous
+        step (which it keeps), or finds a start for rows that have none."""
+        ...
 
 
 @runtime_checkable
@@ -111,6 +115,7 @@ class ArrayData:
         self.rows = np.arange(len(x), dtype=np.int64) if rows is None else rows
         self._order: np.ndarray | None = None
         self._cursor = 0
+        self.labels = np.full(len(x), -1, np.int32)  # of the last partial_stats, -1: none
 
     def count(self) -> int:
         return self.x.shape[0]
@@ -122,8 +127,9 @@ class ArrayData:
         picked = smallest(row_keys(self.rows, seed), self.rows, n)
         return np.asarray(self.x[picked], dtype=np.float32)
 
-    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
-        return partial_stats(self.x, CentroidIndex(centroids, self.metric))
+    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
+        index = near if near is not None else CentroidIndex(centroids, self.metric)
+        return partial_stats(self.x, index, labels=self.labels)
 
     def cluster_subset(
         self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int

@@ -20,11 +20,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pseudolabel.ops.arrays import normalize_rows
-from pseudolabel.ops.dataset import EpochLost, ShardedData, StreamingData
+from pseudolabel.ops.dataset import ArrayData, EpochLost, ShardedData, StreamingData
 from pseudolabel.ops.init import init_sample_size, resolve_init, seed_centroids
+from pseudolabel.ops.neighbours import CentroidGraph, cell_count, graph_from_cells
 from pseudolabel.ops.stats import PartialStats
 
 ALGORITHMS = ("lloyd", "minibatch")
+SEARCHES = ("flat", "approx", "auto")
+# "auto" searches near the previous centroid (``ops.neighbours``) from this many centres:
+# below it an exact search is cheap enough, and the graph's build does not pay.
+APPROX_FROM_K = 16384
 
 # Relative size of the split perturbation, as in faiss's Clustering.cpp (1/1024).
 SPLIT_EPS = 1.0 / 1024
@@ -39,6 +44,7 @@ class KMeansParams:
     seed: int = 0
     spherical: bool = False
     init: str = "auto"  # auto | kmeans++ | random
+    search: str = "auto"  # flat | approx | auto: see resolve_search
 
     @property
     def metric(self) -> str:
@@ -48,6 +54,23 @@ class KMeansParams:
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.search == "approx" and self.algorithm != "lloyd":
+            raise ValueError("search 'approx' needs algorithm 'lloyd': it starts each row "
+                             "from its label of the previous full pass")  # fmt: skip
+
+    @property
+    def resolved_search(self) -> str:
+        """ "flat" or "approx": "auto" is approx for Lloyd fits from APPROX_FROM_K."""
+        return resolve_search(self.search, self.k, self.algorithm)
+
+
+def resolve_search(search: str, k: int, algorithm: str = "lloyd") -> str:
+    """ "auto" -> "approx" for Lloyd with k >= APPROX_FROM_K, else "flat"."""
+    if search == "auto":
+        return "approx" if algorithm == "lloyd" and k >= APPROX_FROM_K else "flat"
+    return search
 
 
 @dataclass
@@ -61,6 +84,7 @@ class IterationRecord:
     n_split: int
     rows: int
     steps: int = 1
+    changed: int | None = None  # rows whose label differs from the previous iteration's
 
     def line(self, total: int) -> str:
         change = "      -" if self.rel_change is None else f"{-100 * self.rel_change:+7.3f}%"
@@ -194,22 +218,32 @@ def fit(
     iteration that split no cluster. ``on_iteration`` runs after each one (progress,
     checkpoint); ``on_step`` after each mini-batch update (step number, batch stats).
     Same data, seed and state give the same centroids (invariant 4).
+
+    With ``params.resolved_search == "approx"`` the first iteration of each call is an
+    exact search; each later one builds the centroids' neighbour graph
+    (``ops.neighbours``) and the data scores each row only near its previous centroid.
     """
     if params.algorithm == "minibatch" and not isinstance(data, StreamingData):
         raise TypeError("mini-batch k-means needs a dataset with start_epoch/next_batch_stats")
     prev = state.history[-1].inertia if state.history else None
+    first = state.iteration
     for it in range(state.iteration, params.iterations):
         t0 = time.perf_counter()
         rng = rng_for(params.seed, 1, it)
         if params.algorithm == "lloyd":
-            stats = data.partial_stats(state.centroids)
+            near = None
+            if params.resolved_search == "approx" and it > first:
+                near = neighbour_graph(state.centroids, params.metric, params.seed)
+            stats = data.partial_stats(state.centroids, near)
             state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
             inertia, rows, steps = stats.inertia, stats.n, 1
+            changed = stats.changed if stats.compared == stats.n else None
         else:
             inertia, rows, steps, n_split = _whole_minibatch_epoch(data, state, params, it, on_step)
+            changed = None
         rel = None if not prev else (prev - inertia) / prev
         record = IterationRecord(
-            it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps
+            it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps, changed
         )
         state.history.append(record)
         state.iteration = it + 1
@@ -220,6 +254,22 @@ def fit(
         if state.converged:
             break
     return state
+
+
+# The cells of the neighbour graph only group centroids: a rough k-means is enough.
+CELL_ITERATIONS = 5
+
+
+def neighbour_graph(centroids: np.ndarray, metric: str = "l2", seed: int = 0) -> CentroidGraph:
+    """``ops.neighbours``' search structure for ``centroids``: its cells are this module's
+    loop run on the centroids themselves (random seeding, CELL_ITERATIONS, exact)."""
+    params = KMeansParams(
+        cell_count(len(centroids)), iterations=CELL_ITERATIONS, tol=0, seed=seed,
+        init="random", search="flat",
+    )  # fmt: skip
+    data = ArrayData(np.ascontiguousarray(centroids, np.float32))
+    state, _ = init_state(data, params)
+    return graph_from_cells(data.x, fit(data, params, state).centroids, metric)
 
 
 # An epoch lost this many times in a row (each loss a rebuilt worker) ends the fit.

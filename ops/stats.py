@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pseudolabel.ops.arrays import DEFAULT_CHUNK_ROWS, iter_chunks
+from pseudolabel.ops.arrays import iter_chunks
 from pseudolabel.ops.scores import sq_distances_from_search
 
 
@@ -25,9 +25,10 @@ class NearestSearch(Protocol):
     k: int
     d: int
     metric: str
+    rows_per_call: int  # rows handed to one search call
 
     def search(
-        self, x: np.ndarray, m: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS
+        self, x: np.ndarray, m: int = 1, previous: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -38,11 +39,17 @@ _ACCUMULATE_ROWS = 8192
 
 @dataclass
 class PartialStats:
-    """sums (k, d) float64, counts (k,) int64, inertia: sum of squared distances."""
+    """sums (k, d) float64, counts (k,) int64, inertia: sum of squared distances.
+
+    ``changed`` of ``compared`` rows got another label than in the shard's previous
+    step; rows without one (the first step, a restarted worker) are not compared.
+    """
 
     sums: np.ndarray
     counts: np.ndarray
     inertia: float
+    changed: int = 0
+    compared: int = 0
 
     @classmethod
     def zeros(cls, k: int, d: int) -> PartialStats:
@@ -53,20 +60,23 @@ class PartialStats:
         return int(self.counts.sum())
 
     def __add__(self, other: PartialStats) -> PartialStats:
-        return PartialStats(
-            self.sums + other.sums, self.counts + other.counts, self.inertia + other.inertia
-        )
+        return reduce_stats([self, other])
 
 
 def reduce_stats(parts: list[PartialStats]) -> PartialStats:
     """Sum shard statistics, in a fixed order so the result does not depend on timing."""
     if not parts:
         raise ValueError("no statistics to reduce")
-    total = PartialStats(parts[0].sums.copy(), parts[0].counts.copy(), parts[0].inertia)
+    first = parts[0]
+    total = PartialStats(
+        first.sums.copy(), first.counts.copy(), first.inertia, first.changed, first.compared
+    )
     for p in parts[1:]:
         total.sums += p.sums
         total.counts += p.counts
         total.inertia += p.inertia
+        total.changed += p.changed
+        total.compared += p.compared
     return total
 
 
@@ -102,20 +112,30 @@ def accumulate_sums(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None
 def partial_stats(
     x: np.ndarray,
     index: NearestSearch,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
+    labels: np.ndarray | None = None,
 ) -> PartialStats:
     """Assign every row of x (n, d) to its nearest centroid and reduce to statistics.
 
     Inertia is the float64 sum of squared L2 distances (for the ``ip`` metric, of unit
-    vectors: ``2 - 2 x.c``), so both metrics report the same objective.
+    vectors: ``2 - 2 x.c``), so both metrics report the same objective. ``labels`` (n,)
+    int, -1 where unknown, holds the rows' labels of the previous step: the search may
+    start from them (``ops.neighbours``), changes are counted against them, and they
+    are overwritten with this step's.
     """
     stats = PartialStats.zeros(index.k, index.d)
-    for sl in iter_chunks(len(x), chunk_rows):
-        D, I = index.search(x[sl], 1, chunk_rows=chunk_rows)
-        labels = I[:, 0]
-        stats.counts += np.bincount(labels, minlength=index.k)
+    for sl in iter_chunks(len(x), chunk_rows or index.rows_per_call):
+        previous = None if labels is None else labels[sl]
+        D, I = index.search(x[sl], 1, previous=previous)
+        found = I[:, 0]
+        stats.counts += np.bincount(found, minlength=index.k)
         stats.inertia += float(
             sq_distances_from_search(D[:, 0], index.metric).sum(dtype=np.float64)
         )
-        accumulate_sums(x[sl], labels, stats.sums)
+        accumulate_sums(x[sl], found, stats.sums)
+        if previous is not None:
+            known = previous >= 0
+            stats.compared += int(known.sum())
+            stats.changed += int((previous[known] != found[known]).sum())
+            labels[sl] = found
     return stats

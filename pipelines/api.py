@@ -19,7 +19,7 @@ from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
 from pseudolabel.ops.hard_balance import BoundaryBlock, balanced_duals
-from pseudolabel.ops.kmeans import IterationRecord, KMeansState, fit, init_state
+from pseudolabel.ops.kmeans import IterationRecord, KMeansState, fit, init_state, resolve_search
 from pseudolabel.ops.sampling import row_keys
 from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowBlock, proportions
 from pseudolabel.pipelines.config import RunConfig
@@ -175,7 +175,8 @@ class KMeans:
 
     Parameters mirror the command line: ``n_clusters`` (--k), ``algorithm``,
     ``max_iter`` (--iterations), ``tol``, ``spherical``, ``init`` ("auto", "kmeans++",
-    "random"), ``seed``, ``workers``; ``balanced`` also solves for duals after the fit
+    "random"), ``seed``, ``workers``, ``search`` ("flat", "approx" or "auto": see
+    ``ops.neighbours``); ``balanced`` also solves for duals after the fit
     (Sinkhorn-Knopp on a sample, then size corrections on every row), so ``predict``
     gives labels of equal cluster sizes on the fitted rows (within 1% when the
     corrections converge; the run's log says when they do not). ``init`` may also be
@@ -200,6 +201,7 @@ class KMeans:
         init: str | np.ndarray = "auto",
         seed: int = 0,
         workers: int | None = None,
+        search: str = "auto",
         balanced: bool = False,
         epsilon: float = DEFAULT_EPSILON,
         embedding_column: str | None = None,
@@ -216,6 +218,7 @@ class KMeans:
         self.init = init
         self.seed = seed
         self.workers = workers
+        self.search = search
         self.balanced = balanced
         self.epsilon = epsilon
         self.embedding_column = embedding_column
@@ -236,6 +239,7 @@ class KMeans:
             init=self.init if isinstance(self.init, str) else "auto",
             seed=self.seed,
             workers=self.workers,
+            search=self.search,
             balanced=self.balanced,
             epsilon=self.epsilon,
             embedding_column=self.embedding_column or "embedding",
@@ -271,7 +275,11 @@ class KMeans:
             if self.spherical:
                 x = normalize_rows(x)
             beta = self.duals_ * self.epsilon_ if self.duals_ is not None else None
-            assigner = BalancedAssigner(self.cluster_centers_, self._metric, beta, self.epsilon_)
+            search = resolve_search(self.search, self.n_clusters)
+            assigner = BalancedAssigner(
+                self.cluster_centers_, self._metric, beta, self.epsilon_, search=search,
+                seed=self.seed,
+            )  # fmt: skip
             return assigner.assign(x).label
         if _is_dataset(X):
             return label(

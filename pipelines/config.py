@@ -21,7 +21,7 @@ import yaml
 
 from pseudolabel.ops.dataset import STRATEGIES
 from pseudolabel.ops.hard_balance import DEFAULT_TOL
-from pseudolabel.ops.kmeans import ALGORITHMS, KMeansParams
+from pseudolabel.ops.kmeans import ALGORITHMS, APPROX_FROM_K, SEARCHES, KMeansParams
 from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.plan import BAD_ROW_POLICIES, Plan, ReadSettings
@@ -80,6 +80,12 @@ class RunConfig:
         "auto", "seeding: auto, kmeans++ or random", choices=("auto", "kmeans++", "random")
     )
     seed: int = _opt(0, "random seed (same seed, data and workers: same result)", metavar="S")
+    search: str = _opt(
+        "auto",
+        "nearest-centroid search: flat (exact), approx (only near each row's previous "
+        f"centroid), auto (approx for Lloyd from k = {APPROX_FROM_K})",
+        choices=SEARCHES,
+    )
     spherical: bool = _opt(False, "cosine k-means: unit-normalise rows and centroids")
     balanced: bool = _opt(
         False, "balanced labels: equal (or --cluster-proportions) sizes (SeLa, SwAV)"
@@ -207,6 +213,11 @@ class RunConfig:
             "--resampling-steps needs --algorithm lloyd (mini-batch workers hold no rows "
             "to resample)",
         )
+        _require(
+            self.search != "approx" or self.algorithm == "lloyd",
+            "--search approx needs --algorithm lloyd (it starts each row from its label of "
+            "the previous full pass; mini-batch steps search exactly)",
+        )
         if self.id_column == "":
             self.id_column = None
         taken = set(OUTPUT_COLUMNS) | {self.id_column or "id", self.embedding_column}
@@ -236,6 +247,7 @@ class RunConfig:
             seed=self.seed,
             spherical=self.spherical,
             init=self.init,
+            search=self.search,
         )
 
     def kept_columns(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from pseudolabel.ops.kmeans import resolve_search
 from pseudolabel.ops.metrics import scores, size_stats
 from pseudolabel.pipelines.commands.label import GivenModel
 from pseudolabel.pipelines.commands.report import write_report
@@ -333,6 +334,12 @@ def _manifest(
         },
         "fit": {
             "algorithm": config.algorithm,
+            "search": resolve_search(config.search, config.k, config.algorithm),
+            # rows whose label changed in the last iteration (null: not known, e.g. the
+            # only iteration, or a worker was rebuilt in it)
+            "changed_last_iteration": (
+                fitted.state.history[-1].changed if fitted.state.history else None
+            ),
             "init": fitted.init,
             "iterations_run": fitted.state.iteration,
             "converged": fitted.state.converged,

@@ -97,9 +97,12 @@ class ResidentShards:
     def sample(self, n: int, seed: int) -> np.ndarray:
         return keyed_sample(self.actors, n, seed, self.settings.dim, self.timeout(1))
 
-    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
+        """One step; with ``near`` (a ``CentroidGraph``, put once) each worker scores its
+        rows near their labels of its previous step."""
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
-        refs = [a.partial_stats.remote(ref) for a in self.actors]
+        near_ref = None if near is None else ray.put(near)
+        refs = [a.partial_stats.remote(ref, None, near_ref) for a in self.actors]
         return tree_reduce(refs, self.timeout(len(centroids)))
 
     def cluster_subset(
@@ -139,7 +142,9 @@ class ShardSubset:
         timeout = self.shards.timeout(1)
         return keyed_sample(self.shards.actors, n, seed, self.dim(), timeout, self.selection)
 
-    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
+        """One step on the selection. ``near`` is not used: a selection keeps no labels,
+        and the refinement's subsets are small."""
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         refs = [a.partial_stats.remote(ref, self.selection) for a in self.shards.actors]
         return tree_reduce(refs, self.shards.timeout(len(centroids)))

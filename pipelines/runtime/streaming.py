@@ -63,7 +63,7 @@ class StreamingShards:
         parts = gather(refs, self._timeout(per_worker, 1), "a sample")
         return np.concatenate(parts)[:n]
 
-    def partial_stats(self, centroids: np.ndarray) -> PartialStats:
+    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
         raise TypeError("a streamed dataset has no full pass: use algorithm='minibatch'")
 
     def start_epoch(self, epoch: int) -> None:

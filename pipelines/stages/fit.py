@@ -52,6 +52,7 @@ def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
         "init": config.init,
         "init_centroids": config.init_centroids,
         "init_centroids_file": run.get("init_centroids_file"),
+        "search": config.search,
     }
 
 

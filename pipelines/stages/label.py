@@ -28,6 +28,7 @@ from ray.util.annotations import RayDeprecationWarning
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.gpu import usable_device
+from pseudolabel.ops.kmeans import resolve_search
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ResourceError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
@@ -53,6 +54,8 @@ class LabelSpec:
     duals: ArraySource | None = None  # log v (k,): balanced labels
     epsilon: float | None = None  # the plan's eps, in score units
     centroids_sha256: str | None = None  # a centroids URL must hold this file
+    search: str = "flat"  # nearest labels: flat, or approx (ops.neighbours)
+    seed: int = 0  # of the approx search's cells
 
     @classmethod
     def of(
@@ -71,6 +74,8 @@ class LabelSpec:
             duals=duals_url,
             epsilon=epsilon,
             centroids_sha256=centroids_sha256,
+            search=resolve_search(config.search, config.k),
+            seed=config.seed,
         )
 
 
@@ -141,6 +146,8 @@ class Labeler:
             beta,
             spec.epsilon,
             spec.device,
+            spec.search,
+            spec.seed,
         )
         join_roster(roster, self.assigner.device)  # where the labels are computed
 

@@ -9,7 +9,7 @@ import pytest
 
 from pseudolabel.pipelines.commands.run import run
 from pseudolabel.pipelines.errors import ConfigError, InputError
-from tests.data import write_parquet_shards
+from tests.data import mixture, write_parquet_shards
 from tests.pipelines.conftest import cli, fast_config, nearest
 
 
@@ -198,3 +198,29 @@ def test_resampling_flags_from_the_command_line(ray_local, small_dataset, tmp_pa
         assert (((x[:, None, :] - c[None]) ** 2).sum(-1).min(0) == 0).all()  # each is a row
         mean_distance[strategy] = m["metrics"]["mean_distance"]
     assert mean_distance["closest"] < mean_distance["random"], mean_distance
+
+
+def test_approx_search_from_the_command_line(ray_local, tmp_path, capsys):
+    """--search approx on two workers: the first iteration exact, then each worker scores
+    its rows near their last labels. Same objective as --search flat within 0.5%, the
+    labels the nearest centroids of nearly every row, and the rows that changed label in
+    the last iteration in the manifest. Mini-batch refuses it."""
+    x, _ = mixture(12_000, 8, 96, seed=11, spread=0.3)
+    write_parquet_shards(tmp_path / "in", x, shards=2)
+    flags = ["--input", tmp_path / "in", "--k", "256", "--iterations", "6", "--tol", "0",
+             "--init", "random", "--label-workers", "1"]  # fmt: skip
+    flat = cli("run", *flags, "--search", "flat", "--output", tmp_path / "flat")
+    approx = cli("run", *flags, "--search", "approx", "--output", tmp_path / "approx")
+    assert (flat["fit"]["search"], approx["fit"]["search"]) == ("flat", "approx")
+    changed = approx["fit"]["changed_last_iteration"]
+    assert changed == approx["fit"]["history"][-1]["changed"] and 0 <= changed < 12_000
+    assert approx["fit"]["history"][0]["changed"] is None
+    inertia = [m["fit"]["history"][-1]["inertia"] for m in (flat, approx)]
+    assert inertia[1] <= inertia[0] * 1.005
+    table = labels_table(tmp_path / "approx").sort_by("id")
+    c = np.load(tmp_path / "approx" / "centroids.npy")
+    agree = table.column("label").to_numpy() == nearest(x, c)
+    assert agree.mean() > 0.98  # the label pass searched near, too
+    cli("run", *flags, "--search", "approx", "--algorithm", "minibatch",
+        "--output", tmp_path / "mb", code=2)  # fmt: skip
+    assert "--search approx needs --algorithm lloyd" in capsys.readouterr().err

@@ -63,6 +63,9 @@ class ResidentRows:
             rows[filled : filled + m] = batch.rows
             filled += m
         self.x, self.rows = x[:filled], rows[:filled]
+        # Each row's label of the last full step, -1 before the first: where the approx
+        # search (ops.neighbours) starts. A rebuilt worker starts without them.
+        self.labels = np.full(filled, -1, np.int32)
         if self.spec.metric == "ip":  # zero rows were refused or skipped by the reader
             self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
         if self.spec.device == "cuda":  # rows stay on the GPU for every iteration
@@ -111,11 +114,18 @@ class ResidentRows:
         hit = pos[np.isin(self.rows[pos], global_rows)]
         return self.rows[hit], np.asarray(self.x[hit], np.float32)
 
-    def partial_stats(self, centroids: np.ndarray, selection: dict | None = None) -> PartialStats:
+    def partial_stats(
+        self, centroids: np.ndarray, selection: dict | None = None, near=None
+    ) -> PartialStats:
+        """Statistics of one step over all rows (or ``selection``'s). With ``near`` (an
+        ``ops.neighbours.CentroidGraph``) rows are scored near their last labels; on a
+        GPU the search stays exact."""
         mine = self._selected(selection)
         if mine is not None:
             index = CentroidIndex(centroids, self.spec.metric, self.spec.device)
             return partial_stats(self.x[mine], index)
         if self.device_rows is not None:
             return self.device_rows.partial_stats(centroids, self.spec.metric)
-        return partial_stats(self.x, CentroidIndex(centroids, self.spec.metric, self.spec.device))
+        if near is None:
+            near = CentroidIndex(centroids, self.spec.metric, self.spec.device)
+        return partial_stats(self.x, near, labels=self.labels)
