@@ -20,6 +20,8 @@ BENCHMARKS = [
     "bench.scaling",
     "bench.selftrain",
     "bench.curate",
+    "bench.scale search",
+    "bench.scale sample",
 ]  # bench.gpu needs a CUDA device: run it by hand where there is one
 
 
@@ -27,7 +29,7 @@ def main() -> int:
     failed = []
     for name in BENCHMARKS:
         print(f"== python -m {name}", flush=True)
-        if subprocess.run([sys.executable, "-m", name]).returncode != 0:
+        if subprocess.run([sys.executable, "-m", *name.split()]).returncode != 0:
             failed.append(name)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)

@@ -1,12 +1,18 @@
 """Scale benchmarks (issue: a billion rows, a million centres), in one process, ratios.
 
     python -m bench.scale search [--rows 600000] [--dim 32] [--k 65536] [--iterations 5]
+    python -m bench.scale sample [--rows 1048576] [--dim 32] [--k 256] [--iterations 20]
 
 ``search``: Lloyd with ``--search flat`` against ``--search approx`` (``ops.neighbours``)
 from the same seeding, on the same rows, through the one loop (``ops.kmeans.fit`` on
 ``ArrayData``, as each worker runs it on its rows). Reported: the time of each iteration
 after the first (approx's first is exact by design), the final objectives, and the label
 pass's search for new rows (no previous label) against flat: time and distances.
+
+``sample``: two whole ``pseudolabel run``s on the same parquet shards and embedded Ray,
+one fitting every row, one ``--fit-sample auto`` (256 k rows, 1/16 of the input at the
+defaults); both label every row. Reported: the fit stage's time and its iterations'
+time, and the objective over all rows (the sum of the label pass's distances).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench.common import save
+from bench.common import OUT, dataset, save, start_ray
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
 from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
@@ -65,17 +71,55 @@ def search(args: argparse.Namespace) -> dict:
     return results
 
 
+def sample(args: argparse.Namespace) -> dict:
+    import pyarrow.parquet as pq
+
+    from pseudolabel.pipelines.commands.run import run
+    from pseudolabel.pipelines.config import build
+
+    root, _ = dataset(args.rows, args.dim, args.components, shards=8)
+    results: dict = {"rows": args.rows, "dim": args.dim, "k": args.k,
+                     "ray_start_s": start_ray()}  # fmt: skip
+    for name, fit_sample in (("full", "0"), ("sampled", "auto")):
+        out = OUT / f"scale-sample-{name}"
+        manifest = run(
+            build(input=str(root), output=str(out), k=args.k, iterations=args.iterations,
+                  tol=0, seed=1, init="random", fit_sample=fit_sample, overwrite=True)
+        )  # fmt: skip
+        distances = pq.read_table(out / "labels", columns=["distance"]).column("distance")
+        results[name] = {
+            "fit_s": round(manifest["timings"]["fit"], 3),
+            "iterations_s": round(manifest["fit"]["seconds"]["iterations"], 3),
+            "sample_rows": manifest["fit"]["sample_rows"],
+            "objective_all_rows": float(np.sum(distances.to_numpy(), dtype=np.float64)),
+        }
+    full, sampled = results["full"], results["sampled"]
+    results["fit_time_ratio"] = round(sampled["fit_s"] / full["fit_s"], 4)
+    results["iterations_time_ratio"] = round(sampled["iterations_s"] / full["iterations_s"], 4)
+    results["objective_ratio"] = round(
+        sampled["objective_all_rows"] / full["objective_all_rows"], 6
+    )
+    return results
+
+
+SIZES = {  # rows, dim, k, iterations, components: the issue's measurements
+    "search": (600_000, 32, 65536, 5, 4096),
+    "sample": (1 << 20, 32, 256, 20, 1024),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["search"])
-    p.add_argument("--rows", type=int, default=600_000)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--k", type=int, default=65536)
-    p.add_argument("--components", type=int, default=4096)
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("what", choices=list(SIZES))
+    for flag in ("--rows", "--dim", "--k", "--iterations", "--components"):
+        p.add_argument(flag, type=int, help="default: by benchmark (SIZES)")
     p.add_argument("--label-rows", type=int, default=100_000)
     args = p.parse_args()
-    results = search(args)
+    for name, default in zip(("rows", "dim", "k", "iterations", "components"),
+                             SIZES[args.what], strict=True):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    results = {"search": search, "sample": sample}[args.what](args)
     print({k: v for k, v in results.items() if k not in ("flat", "approx")})
     print(save(f"scale-{args.what}", results))
 

@@ -26,6 +26,9 @@ from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.plan import BAD_ROW_POLICIES, Plan, ReadSettings
 
+# --fit-sample auto: rows per centroid, faiss's default subsampling (max_points_per_centroid).
+SAMPLE_PER_CENTROID = 256
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     """A field with its help text (and, for the CLI, ``choices`` or ``json``)."""
@@ -75,6 +78,12 @@ class RunConfig:
         "lloyd", "lloyd (full passes) or minibatch (streamed)", choices=ALGORITHMS
     )
     iterations: int = _opt(20, "Lloyd iterations, or mini-batch epochs (at most)", metavar="N")
+    fit_sample: str = _opt(
+        "0",
+        f"Lloyd: fit on a uniform sample of N rows (auto: min(rows, {SAMPLE_PER_CENTROID} k)), "
+        "held by the workers; every row is still labelled. 0: fit on all rows",
+        metavar="N|auto",
+    )
     tol: float = _opt(1e-4, "stop once inertia improves by less than this fraction")
     init: str = _opt(
         "auto", "seeding: auto, kmeans++ or random", choices=("auto", "kmeans++", "random")
@@ -213,6 +222,16 @@ class RunConfig:
             "--resampling-steps needs --algorithm lloyd (mini-batch workers hold no rows "
             "to resample)",
         )
+        self.fit_sample = str(self.fit_sample).strip()
+        _require(
+            self.fit_sample == "auto" or self.fit_sample.isdigit(),
+            f"--fit-sample must be a row count or auto, got {self.fit_sample!r}",
+        )
+        _require(
+            self.fit_sample == "0" or self.algorithm == "lloyd",
+            "--fit-sample needs --algorithm lloyd (mini-batch streams every row once an "
+            "epoch: lower --iterations instead)",
+        )
         _require(
             self.search != "approx" or self.algorithm == "lloyd",
             "--search approx needs --algorithm lloyd (it starts each row from its label of "
@@ -236,6 +255,11 @@ class RunConfig:
     def metric(self) -> str:
         """The search metric: inner products of unit vectors for --spherical, else L2."""
         return "ip" if self.spherical else "l2"
+
+    def fit_sample_rows(self, total_rows: int) -> int:
+        """Rows the fit samples from ``total_rows``; 0: all of them (no sampling)."""
+        wanted = SAMPLE_PER_CENTROID * self.k if self.fit_sample == "auto" else int(self.fit_sample)
+        return 0 if wanted >= total_rows else wanted
 
     def kmeans_params(self) -> KMeansParams:
         """The k-means loop's parameters."""

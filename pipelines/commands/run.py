@@ -335,6 +335,8 @@ def _manifest(
         "fit": {
             "algorithm": config.algorithm,
             "search": resolve_search(config.search, config.k, config.algorithm),
+            # --fit-sample: the rows the workers held and fitted on (null: all rows)
+            "sample_rows": fitted.sample_rows,
             # rows whose label changed in the last iteration (null: not known, e.g. the
             # only iteration, or a worker was rebuilt in it)
             "changed_last_iteration": (

@@ -27,6 +27,11 @@ class WorkerSpec:
     startup_timeout: float = 600.0  # seconds to wait for resources and loading
     task_timeout: float = 0.0  # seconds for one step's answers; 0: from its size
     threads: int | None = None  # faiss threads; None: Ray's OMP_NUM_THREADS
+    # --fit-sample: a resident worker keeps the rows whose sampling key
+    # (ops.sampling.row_keys under sample_seed) is below this fraction: a uniform sample
+    # that does not depend on the split. 1.0: every row.
+    sample_fraction: float = 1.0
+    sample_seed: int = 0
 
     @classmethod
     def of(cls, config: RunConfig, sizing: Sizing) -> WorkerSpec:

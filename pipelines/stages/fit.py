@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class FitResult:
     devices: list[str] = field(default_factory=list)  # each worker's, as it found it
     rows_dtypes: list[str] = field(default_factory=list)  # what each resident worker holds
     seconds: dict[str, float] = field(default_factory=dict)
+    sample_rows: int | None = None  # rows the fit held, when --fit-sample sampled them
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
 
@@ -53,6 +55,7 @@ def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
         "init_centroids": config.init_centroids,
         "init_centroids_file": run.get("init_centroids_file"),
         "search": config.search,
+        "fit_sample": config.fit_sample_rows(plan.total_rows),
     }
 
 
@@ -174,6 +177,18 @@ def run_fit(
         return FitResult(state, "checkpoint", resumed_from, 0, 0)
 
     warm = load_init_centroids(config, plan.dim) if state is None else None
+    sample = config.fit_sample_rows(plan.total_rows)
+    if sample:
+        spec = dataclasses.replace(
+            spec, sample_fraction=sample / plan.total_rows, sample_seed=config.seed
+        )
+        log.info(
+            "fit: on a uniform sample of about %d of the %d rows (--fit-sample %s); "
+            "the label pass labels every row",
+            sample,
+            plan.total_rows,
+            config.fit_sample,
+        )
     t0 = time.perf_counter()
     data = start_workers(config, plan, settings, spec, workers, ledger)
     load = time.perf_counter() - t0
@@ -206,6 +221,7 @@ def run_fit(
             [i["device"] for i in data.infos],
             [str(i["rows_dtype"]) for i in data.infos if "rows_dtype" in i],
             {"load": load, **seconds},
+            data.count() if sample else None,
             data if kept else None,
         )
     finally:

@@ -68,6 +68,8 @@ def test_bad_yaml(tmp_path):
             {"algorithm": "minibatch", "resampling_steps": 2},
             r"--resampling-steps needs --algorithm lloyd",
         ),
+        ({"fit_sample": "-5"}, "--fit-sample must be a row count or auto"),
+        ({"algorithm": "minibatch", "fit_sample": "auto"}, "--fit-sample needs --algorithm"),
     ],
 )
 def test_validation_messages(overrides, message):
@@ -80,6 +82,14 @@ def test_manifest_view_redacts_storage_options():
     config = cfg.build(input="a", output="b", k=2, storage_options={"secret": "hunter2"})
     assert "hunter2" not in repr(config)
     assert config.to_dict()["storage_options"] == {"secret": "<redacted>"}
+
+
+def test_fit_sample_rows():
+    """auto: 256 rows per centroid; 0, or a sample at least as large as the input: all."""
+    assert cfg.build(input="a", output="b", k=12, fit_sample="auto").fit_sample_rows(6000) == 3072
+    assert cfg.build(input="a", output="b", k=24, fit_sample="auto").fit_sample_rows(6000) == 0
+    assert cfg.build(input="a", output="b", k=2, fit_sample=500).fit_sample_rows(6000) == 500
+    assert cfg.build(input="a", output="b", k=2).fit_sample_rows(6000) == 0
 
 
 def test_empty_id_column_means_row_numbers():

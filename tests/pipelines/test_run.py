@@ -224,3 +224,30 @@ def test_approx_search_from_the_command_line(ray_local, tmp_path, capsys):
     cli("run", *flags, "--search", "approx", "--algorithm", "minibatch",
         "--output", tmp_path / "mb", code=2)  # fmt: skip
     assert "--search approx needs --algorithm lloyd" in capsys.readouterr().err
+
+
+def test_fit_sample_from_the_command_line(ray_local, small_dataset, tmp_path, capsys):
+    """--fit-sample 1500 of 6,000 rows: the workers hold a uniform sample of about that
+    many (the same rows for any split), the fit sees only them, the label pass labels
+    every row, and from the same start (one row of each component) the objective over
+    all rows stays near a full fit's. auto asks for 256 k rows: 3,072 at k = 12."""
+    root, x, truth = small_dataset
+    np.save(tmp_path / "init.npy", x[[np.flatnonzero(truth == j)[0] for j in range(12)]])
+    flags = ["--input", root, "--iterations", "8", "--seed", "3",
+             "--init-centroids", tmp_path / "init.npy"]  # fmt: skip
+    full = cli("run", *flags, "--output", tmp_path / "full")
+    sampled = cli("run", *flags, "--fit-sample", "1500", "--output", tmp_path / "s")
+    rows = sampled["fit"]["sample_rows"]
+    assert abs(rows - 1500) < 5 * np.sqrt(1500) and full["fit"]["sample_rows"] is None
+    assert {r["rows"] for r in sampled["fit"]["history"]} == {rows}
+    assert sampled["rows"]["output"] == 6000
+    c_full, c_sampled = (np.load(tmp_path / o / "centroids.npy") for o in ("full", "s"))
+    cost = [((x - c[nearest(x, c)]) ** 2).sum() for c in (c_full, c_sampled)]
+    assert cost[1] <= cost[0] * 1.05
+    two = cli("run", *flags, "--fit-sample", "1500", "--workers", "1", "--output",
+              tmp_path / "one")  # fmt: skip
+    assert two["fit"]["sample_rows"] == rows  # the sample does not depend on the split
+    auto = cli("run", *flags, "--fit-sample", "auto", "--output", tmp_path / "auto")
+    assert abs(auto["fit"]["sample_rows"] - 3072) < 5 * np.sqrt(3072)
+    cli("run", *flags, "--fit-sample", "half", "--output", tmp_path / "bad", code=2)
+    assert "--fit-sample must be a row count or auto" in capsys.readouterr().err

@@ -31,6 +31,13 @@ from pseudolabel.pipelines.runtime.session import limit_threads
 log = logging.getLogger("pseudolabel")
 
 
+def _sample_capacity(rows: int, fraction: float) -> int:
+    """Room for a Binomial(rows, fraction) sample: its mean plus 6 standard deviations,
+    exceeded with probability below 1e-9."""
+    mean = rows * fraction
+    return min(rows, int(mean + 6 * np.sqrt(mean * (1 - fraction)) + 16))
+
+
 class ResidentRows:
     """Rows of a source (``runtime.sources``) in memory, or on the worker's GPU."""
 
@@ -52,15 +59,24 @@ class ResidentRows:
             self.error = e
 
     def _load(self, source, ledger) -> None:
-        n = source.size()
-        x = np.empty((n, self.settings.dim), self.settings.dtype)
-        rows = np.empty(n, np.int64)
+        fraction = self.spec.sample_fraction
+        size = source.size() if fraction >= 1 else _sample_capacity(source.size(), fraction)
+        x = np.empty((size, self.settings.dim), self.settings.dtype)
+        rows = np.empty(size, np.int64)
         filled = 0
         for batch in source.batches(self.settings):
             report_skips(ledger, batch)
-            m = len(batch.x)
-            x[filled : filled + m] = batch.x
-            rows[filled : filled + m] = batch.rows
+            bx, brows = batch.x, batch.rows
+            if fraction < 1:
+                kept = row_keys(brows, self.spec.sample_seed) < fraction
+                bx, brows = bx[kept], brows[kept]
+            m = len(bx)
+            if filled + m > len(x):  # past the sample's bound (_sample_capacity): grow
+                extra = max(m, len(x) // 4)
+                x = np.concatenate([x[:filled], np.empty((extra, x.shape[1]), x.dtype)])
+                rows = np.concatenate([rows[:filled], np.empty(extra, rows.dtype)])
+            x[filled : filled + m] = bx
+            rows[filled : filled + m] = brows
             filled += m
         self.x, self.rows = x[:filled], rows[:filled]
         # Each row's label of the last full step, -1 before the first: where the approx
