@@ -22,6 +22,7 @@ BENCHMARKS = [
     "bench.curate",
     "bench.scale search",
     "bench.scale sample",
+    "bench.scale driver",
 ]  # bench.gpu needs a CUDA device: run it by hand where there is one
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.scale search [--rows 600000] [--dim 32] [--k 65536] [--iterations 5]
     python -m bench.scale sample [--rows 1048576] [--dim 32] [--k 256] [--iterations 20]
+    python -m bench.scale driver [--rows 4000000] [--dim 16] [--k 256] [--iterations 5]
 
 ``search``: Lloyd with ``--search flat`` against ``--search approx`` (``ops.neighbours``)
 from the same seeding, on the same rows, through the one loop (``ops.kmeans.fit`` on
@@ -13,6 +14,10 @@ pass's search for new rows (no previous label) against flat: time and distances.
 one fitting every row, one ``--fit-sample auto`` (256 k rows, 1/16 of the input at the
 defaults); both label every row. Reported: the fit stage's time and its iterations'
 time, and the objective over all rows (the sum of the label pass's distances).
+
+``driver``: the driver's peak resident memory (VmHWM from /proc) in a whole
+``pseudolabel run`` at --rows and at a quarter of them, parquet with an id column (so
+the duplicate-id check runs), each run in its own process with its own embedded Ray.
 """
 
 from __future__ import annotations
@@ -102,9 +107,44 @@ def sample(args: argparse.Namespace) -> dict:
     return results
 
 
+DRIVER_RUN = """
+import json, sys
+from pseudolabel.pipelines.commands.run import run
+from pseudolabel.pipelines.config import build
+manifest = run(build(**json.loads(sys.argv[1])))
+status = open("/proc/self/status").read()
+peak = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+print(json.dumps({"peak_rss_kb": int(peak.split()[1]), "seconds": manifest["timings"]}))
+"""
+
+
+def driver(args: argparse.Namespace) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    results: dict = {"dim": args.dim, "k": args.k}
+    for rows in (args.rows // 4, args.rows):
+        root, _ = dataset(rows, args.dim, args.components, shards=16)
+        out = OUT / f"scale-driver-{rows}"
+        settings = dict(input=str(root), output=str(out), k=args.k, iterations=args.iterations,
+                        tol=0, init="random", overwrite=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", DRIVER_RUN, json.dumps(settings)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        results[str(rows)] = measured
+        print(rows, "rows: driver peak", measured["peak_rss_kb"] // 1024, "MiB", flush=True)
+    small, large = (results[str(r)]["peak_rss_kb"] for r in (args.rows // 4, args.rows))
+    results["peak_rss_ratio"] = round(large / small, 4)
+    return results
+
+
 SIZES = {  # rows, dim, k, iterations, components: the issue's measurements
     "search": (600_000, 32, 65536, 5, 4096),
     "sample": (1 << 20, 32, 256, 20, 1024),
+    "driver": (4_000_000, 16, 256, 5, 256),
 }
 
 
@@ -119,7 +159,7 @@ def main() -> None:
                              SIZES[args.what], strict=True):  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, default)
-    results = {"search": search, "sample": sample}[args.what](args)
+    results = {"search": search, "sample": sample, "driver": driver}[args.what](args)
     print({k: v for k, v in results.items() if k not in ("flat", "approx")})
     print(save(f"scale-{args.what}", results))
 

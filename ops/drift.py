@@ -42,11 +42,16 @@ def centroid_shift(previous: np.ndarray, current: np.ndarray, mapping: np.ndarra
 
 
 def changed_fraction(
-    previous_labels: np.ndarray, current_labels: np.ndarray, mapping: np.ndarray
+    previous_labels: np.ndarray,
+    current_labels: np.ndarray,
+    mapping: np.ndarray,
+    counts: np.ndarray | None = None,
 ) -> float:
     """Share of rows whose label changed, after carrying previous labels through the
-    matching (a row counts as changed when its previous cluster has no match)."""
-    if len(previous_labels) == 0:
+    matching (a row counts as changed when its previous cluster has no match). With
+    ``counts``, entry i stands for counts[i] rows (a contingency table's pairs)."""
+    weights = np.ones(len(previous_labels)) if counts is None else np.asarray(counts, float)
+    if weights.sum() == 0:
         return 0.0
     carried = mapping[previous_labels]
-    return float((carried != current_labels).mean())
+    return float(weights[carried != current_labels].sum() / weights.sum())

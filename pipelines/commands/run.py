@@ -168,7 +168,11 @@ def _run(
         with _timed("publish", timings):
             staged = staging.files([".parquet"])
             skipped = dict(_ask(ledger.by_reason.remote(), "skip ledger"))
-            duplicates = drop_duplicate_ids(staged, config.on_bad_rows)
+            # Ids that are global row numbers (.npy, or no id column) cannot repeat.
+            row_numbers = plan.fmt == "npy" or config.id_column is None
+            duplicates = 0 if row_numbers else drop_duplicate_ids(
+                staged, config.on_bad_rows, plan.total_rows
+            )  # fmt: skip
             if duplicates:
                 skipped["duplicate id"] = duplicates
             columns = ("label", "nearest_label") if balance else ("label",)
@@ -188,7 +192,9 @@ def _run(
         }
         manifest["fingerprint"] = fingerprint
         manifest["ray"] = {"cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
-        drift = label_drift(config, fitted.state.centroids, output.labels.files([".parquet"]))
+        drift = label_drift(
+            config, fitted.state.centroids, output.labels.files([".parquet"]), plan.total_rows
+        )
         if drift is not None:
             manifest["drift"] = drift
         manifest["timings"]["total"] = round(time.perf_counter() - t_start, 3)

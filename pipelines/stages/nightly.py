@@ -11,9 +11,9 @@ import numpy as np
 from pseudolabel.ops.drift import centroid_shift, changed_fraction, match_centroids
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
-from pseudolabel.pipelines.io.label_files import ids_and_labels
 from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy
 from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.id_partitions import label_contingency
 
 log = logging.getLogger("pseudolabel")
 
@@ -63,9 +63,12 @@ def load_init_centroids(config: RunConfig, dim: int) -> tuple[np.ndarray | None,
     return centroids.astype(np.float32), None
 
 
-def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]) -> dict | None:
+def label_drift(
+    config: RunConfig, centroids: np.ndarray, labels: list[Location], rows: int
+) -> dict | None:
     """Drift against ``--previous-run``: matched centroid shift, and the share of ids in
-    both runs whose label changed once previous labels are carried through the match."""
+    both runs whose label changed once previous labels are carried through the match.
+    ``rows``: this run's, to size the join's partitions."""
     if not config.previous_run:
         return None
     root = resolve(config.previous_run, config.storage_options)
@@ -79,23 +82,23 @@ def label_drift(config: RunConfig, centroids: np.ndarray, labels: list[Location]
             f"{centroids.shape[1]}"
         )
     mapping, method = match_centroids(previous, centroids)
-    before = ids_and_labels(root.join(LABELS).files([".parquet"]))
-    after = ids_and_labels(labels)
-    shared = before.join(after, "id", join_type="inner", left_suffix="_prev")
-    changed = changed_fraction(
-        shared.column("label_prev").to_numpy(), shared.column("label").to_numpy(), mapping
+    # The join runs in Ray tasks partitioned by id; the driver gets k x k counts at most.
+    prev_labels, cur_labels, counts = label_contingency(
+        root.join(LABELS).files([".parquet"]), labels, rows
     )
+    changed = changed_fraction(prev_labels, cur_labels, mapping, counts)
+    shared = int(counts.sum())
     drift = {
         "previous_run": root.url,
         "matching": method,
-        "shared_ids": shared.num_rows,
+        "shared_ids": shared,
         "label_changed_fraction": changed,
         "centroid_shift": centroid_shift(previous, centroids, mapping),
     }
     log.info(
         "drift: %.2f%% of %d shared ids changed label; matched centroids moved %.4g on average",
         100 * changed,
-        shared.num_rows,
+        shared,
         drift["centroid_shift"]["mean"],
     )
     return drift

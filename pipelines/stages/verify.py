@@ -1,5 +1,6 @@
-"""Verification before publish: counts per label from the staged files, duplicate ids,
-and the row check (written + skipped = input) that gates the commit."""
+"""Verification before publish: counts per label from the staged files, duplicate ids
+(skipped where ids are row numbers, unique by construction), and the row check
+(written + skipped = input) that gates the commit."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pseudolabel.pipelines.errors import InputError
-from pseudolabel.pipelines.io.label_files import read_columns, read_label_columns
+from pseudolabel.pipelines.io.label_files import read_columns
 from pseudolabel.pipelines.io.storage import Location
+from pseudolabel.pipelines.runtime.id_partitions import duplicate_positions
 
 
 @dataclass
@@ -90,38 +92,31 @@ def _count_file(loc: Location, k: int, columns: tuple[str, ...], truth_column: s
     return out
 
 
-def drop_duplicate_ids(files: list[Location], on_bad_rows: str) -> int:
-    """Find ids that occur more than once in the staged label files (before publish).
+def drop_duplicate_ids(files: list[Location], on_bad_rows: str, rows: int) -> int:
+    """Find ids that occur more than once in the staged label files (before publish), in
+    Ray tasks partitioned by id (``runtime.id_partitions``): the driver sees only the
+    duplicates. ``rows``: the files' total, to size the partitions.
 
     ``error``: an InputError with examples. ``skip``: the later occurrences (in file,
     then row order) are dropped by rewriting the affected files; returns their count.
     """
-    columns = [t.column("id") for t in read_label_columns(files, ["id"])]
-    if not columns:
+    drop, examples = duplicate_positions(files, rows)
+    dropped = sum(len(r) for r in drop.values())
+    if not dropped:
         return 0
-    ids = pa.concat_arrays([c.combine_chunks() for c in columns])
-    values = ids.to_numpy(zero_copy_only=False)
-    _, first = np.unique(values, return_index=True)
-    if len(first) == len(values):
-        return 0
-    keep = np.zeros(len(values), bool)
-    keep[first] = True
-    dropped = int((~keep).sum())
     if on_bad_rows != "skip":
-        examples = sorted({str(v) for v in values[~keep][:5]})
         raise InputError(
             f"duplicate ids: {dropped} rows repeat an id already seen (e.g. {examples}); "
             "use --on-bad-rows skip to keep the first occurrence of each"
         )
-    start = 0
-    for f, column in zip(files, columns, strict=True):
-        mask = keep[start : start + len(column)]
-        start += len(column)
-        if not mask.all():
-            with f.open() as fh:
-                table = pq.read_table(fh)
-            with f.open("wb") as fh:
-                pq.write_table(table.filter(pa.array(mask)), fh)
+    for index, later in drop.items():
+        f = files[index]
+        with f.open() as fh:
+            table = pq.read_table(fh)
+        keep = np.ones(len(table), bool)
+        keep[later] = False
+        with f.open("wb") as fh:
+            pq.write_table(table.filter(pa.array(keep)), fh)
     return dropped
 
 
