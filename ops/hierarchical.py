@@ -116,10 +116,41 @@ def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.n
     return shares
 
 
+def sample_quotas(
+    cluster_paths: np.ndarray, sizes: np.ndarray, target: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Rows to draw from each level-1 cluster for a balanced sample of ``target`` rows.
+
+    cluster_paths (k1, L): level-1 cluster i's cluster at levels 1..L (column 0 is i);
+    sizes (k1,): its rows. Shares go top down: the top level's clusters share ``target``
+    by water filling, each cluster's share is split the same way among its children
+    that hold rows, down to level 1. Needs only k1 numbers, not the rows.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    levels = cluster_paths.shape[1]
+
+    def level_sizes(level: int) -> np.ndarray:
+        return np.bincount(cluster_paths[:, level], weights=sizes).astype(np.int64)
+
+    quota = water_fill(level_sizes(levels - 1), target, rng)
+    for level in range(levels - 2, -1, -1):
+        child, parent = cluster_paths[:, level], cluster_paths[:, level + 1]
+        child_sizes = level_sizes(level)
+        parent_of = np.zeros(len(child_sizes), np.int64)
+        parent_of[child] = parent
+        child_quota = np.zeros(len(child_sizes), np.int64)
+        for p in np.flatnonzero(quota):
+            members = np.flatnonzero((parent_of == p) & (child_sizes > 0))
+            child_quota[members] = water_fill(child_sizes[members], quota[p], rng)
+        quota = child_quota
+    return quota
+
+
 def balanced_sample(
     paths: np.ndarray, d2: np.ndarray, target: int, strategy: str, seed: int
 ) -> np.ndarray:
-    """Row indices of a balanced sample of ``target`` rows, each at most once.
+    """Row indices of a balanced sample of ``target`` rows, each at most once, in memory
+    (``pseudolabel curate`` draws the same quotas with the rows on Ray tasks).
 
     paths (n, L): each row's cluster at levels 1..L; d2 (n,): its squared distance to
     its level-1 centroid (for "closest").
@@ -127,21 +158,11 @@ def balanced_sample(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     rng = np.random.default_rng(seed)
-    levels = paths.shape[1]
-    # Shares top down: quota[level][cluster] = rows to draw under that cluster.
-    top = paths[:, -1]
-    quota = water_fill(np.bincount(top), target, rng)
-    for level in range(levels - 2, -1, -1):
-        child, parent = paths[:, level], paths[:, level + 1]
-        k = child.max() + 1
-        sizes = np.bincount(child, minlength=k)
-        parent_of = np.zeros(k, np.int64)
-        parent_of[child] = parent
-        child_quota = np.zeros(k, np.int64)
-        for p in np.flatnonzero(quota):
-            members = np.flatnonzero((parent_of == p) & (sizes > 0))
-            child_quota[members] = water_fill(sizes[members], quota[p], rng)
-        quota = child_quota
+    k1 = int(paths[:, 0].max()) + 1
+    cluster_paths = np.zeros((k1, paths.shape[1]), np.int64)
+    cluster_paths[paths[:, 0]] = paths  # clusters without rows keep 0s: they weigh 0
+    cluster_paths[:, 0] = np.arange(k1)
+    quota = sample_quotas(cluster_paths, np.bincount(paths[:, 0], minlength=k1), target, rng)
     keys = rng.random(len(d2)) if strategy == "random" else np.asarray(d2, np.float64)
     rows = np.arange(len(d2))
-    return np.sort(cluster_samples(paths[:, 0], keys, rows, len(quota), quota))
+    return np.sort(cluster_samples(paths[:, 0], keys, rows, k1, quota))

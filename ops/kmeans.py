@@ -237,7 +237,10 @@ def fit(
             stats = data.partial_stats(state.centroids, near)
             state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
             inertia, rows, steps = stats.inertia, stats.n, 1
-            changed = stats.changed if stats.compared == stats.n else None
+            # The first iteration of a call has no labels of its own to compare with:
+            # the data's are from before (another fit on the same workers, or none).
+            known = it > first and stats.compared == stats.n
+            changed = stats.changed if known else None
         else:
             inertia, rows, steps, n_split = _whole_minibatch_epoch(data, state, params, it, on_step)
             changed = None

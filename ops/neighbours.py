@@ -94,8 +94,8 @@ class CentroidGraph:
         misses often, because a cell's centre, a mean of its members, can lie far from
         all of them."""
         start = np.full(len(x), -1, np.int64)
-        if previous is not None:
-            known = previous >= 0
+        if previous is not None:  # labels from other centroids (another k) do not count
+            known = (previous >= 0) & (previous < self.k)
             start[known] = self.cell_of[previous[known]]
         fresh = np.flatnonzero(start < 0)
         if fresh.size:

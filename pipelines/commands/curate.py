@@ -9,8 +9,10 @@
 
 Level 1 runs on the Ray workers (``commands.run``), with the resampling refinement
 there too; the levels above cluster centroids, a few thousand rows, in process with the
-same k-means loop. Sampling reads each row's level-1 label and distance back (12 bytes a
-row plus its id) and draws top down (``ops.hierarchical.balanced_sample``).
+same k-means loop. Sampling never brings the rows to the driver: the level-1 cluster
+sizes give each cluster's quota, top down (``ops.hierarchical.sample_quotas``), and Ray
+tasks partitioned by label pick each cluster's rows from the label files
+(``runtime.label_partitions.cluster_selection``); the driver receives the selection.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudolabel.ops.hierarchical import balanced_sample, upper_levels
+from pseudolabel.ops.hierarchical import sample_quotas, upper_levels
 from pseudolabel.ops.metrics import size_stats
 from pseudolabel.pipelines.commands.run import run, versions
 from pseudolabel.pipelines.config import CurateConfig
 from pseudolabel.pipelines.io.fingerprint import refuse_stale, run_fingerprint
-from pseudolabel.pipelines.io.label_files import read_label_columns
 from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy, npy_bytes
 from pseudolabel.pipelines.io.plan import SUFFIXES
 from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime.label_partitions import cluster_selection
+from pseudolabel.pipelines.stages.verify import count_labels
 
 log = logging.getLogger("pseudolabel")
 
@@ -70,15 +73,24 @@ def curate(config: CurateConfig) -> dict[str, Any]:
         config.resample_size,
         config.resample_strategy,
     )
-    ids, labels, d2 = _level1_assignments(root.join("level1", LABELS).files([".parquet"]))
-    paths = tree.paths(labels)
-    picked = balanced_sample(paths, d2, sample_size, strategy, config.seed)
-    log.info("curate: %d of %d ids selected, %s within clusters", len(picked), len(ids), strategy)
+    files = root.join("level1", LABELS).files([".parquet"])
+    sizes = count_labels(files, levels[0])["label"].sizes
+    cluster_paths = tree.paths(np.arange(levels[0]))
+    rng = np.random.default_rng(config.seed)
+    quota = sample_quotas(cluster_paths, sizes, sample_size, rng)
+    selection = cluster_selection(files, quota, strategy, config.seed, int(sizes.sum()))
+    paths = cluster_paths[selection.column("label").to_numpy()]
+    log.info(
+        "curate: %d of %d ids selected, %s within clusters",
+        len(selection),
+        sizes.sum(),
+        strategy,
+    )
 
     output.root.join("selection").remove()
-    for i, start in enumerate(range(0, len(picked), SELECTION_FILE_ROWS)):
-        rows = picked[start : start + SELECTION_FILE_ROWS]
-        columns = {"id": ids.take(pa.array(rows))}
+    for i, start in enumerate(range(0, len(selection), SELECTION_FILE_ROWS)):
+        rows = slice(start, start + SELECTION_FILE_ROWS)
+        columns = {"id": selection.column("id")[rows]}
         for level in range(paths.shape[1]):
             columns[f"level_{level + 1}"] = pa.array(paths[rows, level].astype(np.int32))
         _write_parquet(root.join("selection", f"part-{i:05d}.parquet"), pa.table(columns))
@@ -96,11 +108,19 @@ def curate(config: CurateConfig) -> dict[str, Any]:
         "levels": levels,
         "strategy": strategy,
         "resampling": {"steps": config.resampling_steps, "strategy": config.resample_strategy},
-        "rows": {"input": len(ids), "selected": len(picked), "requested": sample_size},
+        "rows": {
+            "input": int(sizes.sum()),
+            "selected": len(selection),
+            "requested": sample_size,
+        },
         "balance": {
             f"level_{level + 1}": {
-                "all": size_stats(np.bincount(paths[:, level], minlength=k)),
-                "selected": size_stats(np.bincount(paths[picked, level], minlength=k)),
+                "all": size_stats(
+                    np.bincount(cluster_paths[:, level], weights=sizes, minlength=k).astype(
+                        np.int64
+                    )
+                ),
+                "selected": size_stats(np.bincount(paths[:, level], minlength=k)),
             }
             for level, k in enumerate(levels)
         },
@@ -111,15 +131,6 @@ def curate(config: CurateConfig) -> dict[str, Any]:
     }
     output.commit(manifest)
     return manifest
-
-
-def _level1_assignments(files: list[Location]) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    table = pa.concat_tables(read_label_columns(files, ["id", "label", "distance"]))
-    return (
-        table.column("id").combine_chunks(),
-        table.column("label").to_numpy(),
-        table.column("distance").to_numpy(),
-    )
 
 
 def _write_parquet(loc: Location, table: pa.Table) -> None:

@@ -13,7 +13,7 @@ from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_npy
 from pseudolabel.pipelines.io.storage import Location, resolve
-from pseudolabel.pipelines.runtime.id_partitions import label_contingency
+from pseudolabel.pipelines.runtime.label_partitions import label_contingency
 
 log = logging.getLogger("pseudolabel")
 

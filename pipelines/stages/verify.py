@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.io.label_files import read_columns
 from pseudolabel.pipelines.io.storage import Location
-from pseudolabel.pipelines.runtime.id_partitions import duplicate_positions
+from pseudolabel.pipelines.runtime.label_partitions import duplicate_positions
 
 
 @dataclass
@@ -94,7 +94,7 @@ def _count_file(loc: Location, k: int, columns: tuple[str, ...], truth_column: s
 
 def drop_duplicate_ids(files: list[Location], on_bad_rows: str, rows: int) -> int:
     """Find ids that occur more than once in the staged label files (before publish), in
-    Ray tasks partitioned by id (``runtime.id_partitions``): the driver sees only the
+    Ray tasks partitioned by id (``runtime.label_partitions``): the driver sees only the
     duplicates. ``rows``: the files' total, to size the partitions.
 
     ``error``: an InputError with examples. ``skip``: the later occurrences (in file,

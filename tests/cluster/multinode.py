@@ -1,5 +1,7 @@
 """Run the fit on a ray.cluster_utils.Cluster of three nodes, and the same loop in this
 process on the same rows (``ops.dataset.ArrayData``: one machine, no Ray); print JSON.
+Twice: with the exact search (k = 8), and with ``--search approx`` (k = 64), where each
+worker keeps its rows' last labels and the driver ships the neighbour graph.
 
 Its own process: the multi-node cluster needs a fresh ray.init, and the rest of the
 suite shares one local Ray. Used by test_multinode.py.
@@ -7,6 +9,7 @@ suite shares one local Ray. Used by test_multinode.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -21,30 +24,37 @@ from pseudolabel.pipelines.io.read import iter_batches
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 
-PARAMS = KMeansParams(k=8, iterations=6, tol=0, seed=3)
+FITS = {
+    "flat": KMeansParams(k=8, iterations=6, tol=0, seed=3),
+    "approx": KMeansParams(k=64, iterations=6, tol=0, seed=3, search="approx"),
+}
 
 
-def fit_on(address: str, root: str, workers: int) -> tuple[list, np.ndarray]:
+def fit_on(address: str, root: str, workers: int) -> tuple[list, dict]:
     ray.init(address=address, logging_level="ERROR")
     try:
         plan = make_plan(root, ReadSettings())
         data = ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), WorkerSpec("l2"), workers)
         try:
-            state = fit(data, PARAMS, init_state(data, PARAMS)[0])
-            return [i["node"] for i in data.infos], state.centroids
+            states = {name: fit(data, p, init_state(data, p)[0]) for name, p in FITS.items()}
+            return [i["node"] for i in data.infos], states
         finally:
             data.shutdown()
     finally:
         ray.shutdown()
 
 
-def fit_here(root: str) -> np.ndarray:
-    """The same fit on one machine: the rows in the plan's global order, in memory."""
+def fit_here(root: str) -> dict:
+    """The same fits on one machine: the rows in the plan's global order, in memory."""
     plan = make_plan(root, ReadSettings())
     settings = ReadSettings(dim=plan.dim)
     x = np.concatenate([b.x for s in plan.split(1)[0] for b in iter_batches(s, settings)])
-    data = ArrayData(x)
-    return fit(data, PARAMS, init_state(data, PARAMS)[0]).centroids
+    here = {**FITS, "approx_flat": dataclasses.replace(FITS["approx"], search="flat")}
+    states = {}
+    for name, params in here.items():
+        data = ArrayData(x)
+        states[name] = fit(data, params, init_state(data, params)[0])
+    return states
 
 
 def main() -> None:
@@ -57,7 +67,14 @@ def main() -> None:
     finally:
         three.shutdown()
     single = fit_here(root)
-    print(json.dumps({"nodes": nodes, "max_diff": float(np.abs(spread - single).max())}))
+    diff = {n: float(np.abs(spread[n].centroids - single[n].centroids).max()) for n in FITS}
+    approx = spread["approx"].history
+    print(json.dumps({
+        "nodes": nodes,
+        "max_diff": diff,
+        "approx_changed": [r.changed for r in approx],
+        "approx_over_flat": approx[-1].inertia / single["approx_flat"].history[-1].inertia,
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

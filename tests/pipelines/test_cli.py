@@ -258,10 +258,12 @@ FLAG_SAMPLES = {
     "balance_tol": 0.02, "truth_column": "truth", "centroids": "model.npy",
     "storage_options": {"anon": True}, "id_column": "key", "embedding_column": "vec",
     "keep_columns": "colour,size", "resampling_steps": 2, "duals": "duals.npy",
+    "fit_sample": "500",
 }  # fmt: skip
 # Settings that refuse each other's non-default values: the later ones of a pair are
 # given in a second command line, with the earlier at its default.
-FLAG_CONFLICTS = {"resampling_steps": "algorithm"}  # mini-batch holds no rows to resample
+# Mini-batch holds no rows to resample, or to sample for the fit.
+FLAG_CONFLICTS = {"resampling_steps": "algorithm", "fit_sample": "algorithm"}
 
 
 def _sample(field) -> object:

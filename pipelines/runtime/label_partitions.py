@@ -1,14 +1,16 @@
-"""Questions about ids over all label files, answered by Ray tasks partitioned by id hash.
+"""Questions about all rows of label files, answered by Ray tasks partitioned by key.
 
-The driver never holds the ids (a billion rows would not fit): each file's ids go to P
-partitions by a hash of the id (``_partition``); partition p receives its slice of
-every file and answers for those ids alone; the driver receives the answers, whose size
-does not grow with the rows:
+The driver never holds the rows (a billion would not fit): each file's rows go to P
+partitions by a hash of the id, or by label (``_partition``); partition p receives its
+slice of every file and answers for those rows alone; the driver receives the answers,
+whose size does not grow with the rows:
 
 * ``duplicate_positions``: (file, row) of each later occurrence of an id (in file, then
   row order), to drop or report; as many as there are duplicates.
 * ``label_contingency``: the rows shared by two runs, as counts per (previous label,
   label) pair: at most k x k numbers.
+* ``cluster_selection``: the rows a per-cluster quota picks (curation's balanced
+  sample), partitioned by label: as many as the sample.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
+from pseudolabel.ops.sampling import cluster_samples, row_keys
 from pseudolabel.pipelines.io.label_files import read_columns
 from pseudolabel.pipelines.io.storage import Location
 
@@ -30,28 +33,31 @@ def partition_count(rows: int) -> int:
     return int(np.clip(-(-rows // ROWS_PER_PARTITION), 1, MAX_PARTITIONS))
 
 
-def _id_hash(ids: pa.Array) -> np.ndarray:
-    """uint64 hashes of integer or string ids (pandas' vectorised hash, fixed key)."""
-    values = ids.to_numpy(zero_copy_only=False)
+def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """uint64 hashes of integer or string ids (pandas' vectorised hash)."""
+    values = ids.to_numpy() if isinstance(ids, pa.ChunkedArray) else ids.to_numpy(False)
     return pd.util.hash_array(np.asarray(values, dtype=object if values.dtype == object else None))
 
 
 @ray.remote
-def _partition(loc: Location, columns: list[str], parts: int, file_index: int):
+def _partition(loc: Location, columns: list[str], parts: int, file_index: int, by: str):
     """File ``loc``'s ``columns`` (``id`` first), with a file and row number each, split
-    into ``parts`` tables by id hash (num_returns = parts)."""
+    into ``parts`` tables by id hash (``by="id"``) or label (num_returns = parts)."""
     table = read_columns(loc, columns)
     table = table.append_column("file", pa.array(np.full(len(table), file_index, np.int32)))
     table = table.append_column("row", pa.array(np.arange(len(table), dtype=np.int64)))
-    which = _id_hash(table.column("id").combine_chunks()) % np.uint64(parts)
+    if by == "id":
+        which = _id_hash(table.column("id")) % np.uint64(parts)
+    else:
+        which = table.column("label").to_numpy() % parts
     out = [table.filter(pa.array(which == p)) for p in range(parts)]
     return out if parts > 1 else out[0]
 
 
-def _spread(files: list[Location], columns: list[str], parts: int) -> list[list]:
+def _spread(files: list[Location], columns: list[str], parts: int, by: str = "id") -> list:
     """refs[p] = partition p's table refs, one per file."""
     refs = [
-        _partition.options(num_returns=parts).remote(f, columns, parts, i)
+        _partition.options(num_returns=parts).remote(f, columns, parts, i, by)
         for i, f in enumerate(files)
     ]
     if parts == 1:
@@ -116,3 +122,32 @@ def label_contingency(
     codes, where = np.unique(codes, return_inverse=True)
     counts = np.bincount(where, weights=counts, minlength=len(codes)).astype(np.int64)
     return codes >> 32, codes & 0xFFFFFFFF, counts
+
+
+@ray.remote
+def _pick(quota: np.ndarray, strategy: str, seed: int, *tables: pa.Table) -> pa.Table:
+    """The rows of these clusters that ``quota`` picks: per cluster its ``quota`` rows of
+    smallest key (the distance for "closest", a hash of id and seed for "random"), ties
+    by file and row."""
+    table = pa.concat_tables(tables, promote_options="default")
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if strategy == "random":
+        keys = row_keys(_id_hash(table.column("id")), seed)  # uniform, one draw per seed
+    else:
+        keys = table.column("distance").to_numpy().astype(np.float64)
+    order = table.column("file").to_numpy().astype(np.int64) << 40
+    order |= table.column("row").to_numpy()
+    picked = cluster_samples(labels, keys, order, len(quota), quota)
+    return table.take(pa.array(picked)).select(["id", "label", "file", "row"])
+
+
+def cluster_selection(
+    files: list[Location], quota: np.ndarray, strategy: str, seed: int, rows: int
+) -> pa.Table:
+    """(id, label) of the rows that ``quota`` (k,) picks per label, in file, row order."""
+    parts = partition_count(rows)
+    spread = _spread(files, ["id", "label", "distance"], parts, by="label")
+    quota_ref = ray.put(np.asarray(quota, np.int64))
+    picked = ray.get([_pick.remote(quota_ref, strategy, seed, *p) for p in spread])
+    table = pa.concat_tables(picked, promote_options="default")
+    return table.sort_by([("file", "ascending"), ("row", "ascending")]).select(["id", "label"])
