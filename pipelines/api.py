@@ -19,7 +19,14 @@ from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
 from pseudolabel.ops.hard_balance import BoundaryBlock, balanced_duals
-from pseudolabel.ops.kmeans import IterationRecord, KMeansState, fit, init_state, resolve_search
+from pseudolabel.ops.kmeans import (
+    IterationRecord,
+    KMeansState,
+    fit,
+    init_state,
+    neighbour_graph,
+    resolve_search,
+)
 from pseudolabel.ops.sampling import row_keys
 from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowBlock, proportions
 from pseudolabel.pipelines.config import RunConfig
@@ -406,8 +413,13 @@ class KMeans:
         self.cluster_centers_ = state.centroids
         self.n_iter_ = state.iteration
         self.history_: list[IterationRecord] = state.history
-        try:  # the objective of the final centres: one more pass over the rows
-            self.inertia_ = float(data.partial_stats(state.centroids).inertia)
+        # The objective of the final centres: one more pass over the rows, near each
+        # row's last label when the fit searched so (an exact pass costs a flat iteration).
+        near = None
+        if resolve_search(self.search, self.n_clusters, self.algorithm) == "approx":
+            near = neighbour_graph(state.centroids, self._metric, self.seed)
+        try:
+            self.inertia_ = float(data.partial_stats(state.centroids, near).inertia)
         except TypeError:  # a stream has no full pass: the last epoch's batches
             self.inertia_ = float(state.history[-1].inertia)
 

@@ -192,3 +192,16 @@ def test_streamed_dataset_with_a_nan_row_is_refused(ray_local):
     )
     with pytest.raises(pseudolabel.InputError, match="ray dataset: NaN or inf in column 'data'"):
         km.fit(ray.data.from_numpy(x))
+
+
+def test_numpy_fit_with_approx_search():
+    """search="approx" on numpy: the fit, its inertia_ pass and predict search near the
+    previous centroid; inertia_ is the approx labels' objective, at most 0.5% above the
+    exact nearest centres' (never below it), and predict agrees with exact labels."""
+    x, _ = mixture(12_000, 8, 96, seed=4)
+    km = pseudolabel.KMeans(256, search="approx", max_iter=5, tol=0).fit(x)
+    exact = objective(x, km.cluster_centers_)
+    assert exact * (1 - 1e-5) <= km.inertia_ <= exact * 1.005
+    assert km.history_[-1].changed is not None
+    agree = km.predict(x) == CentroidIndex(km.cluster_centers_).search(x)[1][:, 0]
+    assert agree.mean() > 0.98

@@ -319,5 +319,11 @@ def test_a_labeler_that_stops_answering_ends_the_pass_within_the_bound(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     # The bound is max(--task-timeout, --startup-timeout): the pool's start is waited first.
-    assert "label pass made no progress for 8 s" in capsys.readouterr().err
+    # A labeler frozen between its constructor and Ray Data's readiness check (the
+    # freezer can win that race) is reported as not started, within the same 8 s.
+    error = capsys.readouterr().err
+    assert (
+        "label pass made no progress for 8 s" in error
+        or "the 1 labelers did not start within 8 s" in error
+    ), error
     assert stopped and not (tmp_path / "out" / "_SUCCESS").exists()
