@@ -36,7 +36,7 @@ def partition_count(rows: int) -> int:
 def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 hashes of integer or string ids (pandas' vectorised hash)."""
     values = ids.to_numpy() if isinstance(ids, pa.ChunkedArray) else ids.to_numpy(False)
-    return pd.util.hash_array(np.asarray(values, dtype=object if values.dtype == object else None))
+    return pd.util.hash_array(values)
 
 
 @ray.remote
@@ -81,6 +81,8 @@ def _later_occurrences(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray, list[
 
 def duplicate_positions(files: list[Location], rows: int) -> tuple[dict[int, np.ndarray], list]:
     """{file index: sorted row numbers to drop}, and up to 5 example ids per partition."""
+    if not files:  # every row skipped: nothing was written
+        return {}, []
     parts = partition_count(rows)
     answers = ray.get([_later_occurrences.remote(*p) for p in _spread(files, ["id"], parts)])
     drop: dict[int, list[np.ndarray]] = {}
@@ -145,6 +147,8 @@ def cluster_selection(
     files: list[Location], quota: np.ndarray, strategy: str, seed: int, rows: int
 ) -> pa.Table:
     """(id, label) of the rows that ``quota`` (k,) picks per label, in file, row order."""
+    if not files:
+        return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int32())})
     parts = partition_count(rows)
     spread = _spread(files, ["id", "label", "distance"], parts, by="label")
     quota_ref = ray.put(np.asarray(quota, np.int64))

@@ -78,3 +78,10 @@ def test_cluster_selection_takes_each_clusters_quota(ray_local, tmp_path, monkey
     counts = np.bincount(a.column("label").to_numpy(), minlength=6)
     assert counts.tolist() == np.minimum(quota, np.bincount(labels, minlength=6)).tolist()
     assert a.column("id").to_pylist() != b.column("id").to_pylist()  # another seed
+
+
+def test_no_label_files_no_questions(ray_local):
+    """Every row skipped leaves no label files: nothing is duplicated, shared or picked."""
+    assert label_partitions.duplicate_positions([], 0) == ({}, [])
+    assert label_partitions.label_contingency([], [], 0)[2].sum() == 0
+    assert label_partitions.cluster_selection([], np.array([3]), "closest", 0, 0).num_rows == 0
