@@ -3,12 +3,15 @@
     python -m bench.scale search [--rows 600000] [--dim 32] [--k 65536] [--iterations 5]
     python -m bench.scale sample [--rows 1048576] [--dim 32] [--k 256] [--iterations 20]
     python -m bench.scale driver [--rows 4000000] [--dim 16] [--k 256] [--iterations 5]
+    python -m bench.scale reduce [--rows 131072] [--dim 128] [--k 65536] [--iterations 13]
+                                 [--workers 8] [--nodes 1]
 
 ``search``: Lloyd with ``--search flat`` against ``--search approx`` (``ops.neighbours``)
 from the same seeding, on the same rows, through the one loop (``ops.kmeans.fit`` on
 ``ArrayData``, as each worker runs it on its rows). Reported: the time of each iteration
 after the first (approx's first is exact by design), the final objectives, and the label
-pass's search for new rows (no previous label) against flat: time and distances.
+pass's search for new rows (no previous label) against flat: time and distances; the
+neighbour graph's build time and the candidates a row is scored against.
 
 ``sample``: two whole ``pseudolabel run``s on the same parquet shards and embedded Ray,
 one fitting every row, one ``--fit-sample auto`` (256 k rows, 1/16 of the input at the
@@ -18,6 +21,17 @@ time, and the objective over all rows (the sum of the label pass's distances).
 ``driver``: the driver's peak resident memory (VmHWM from /proc) in a whole
 ``pseudolabel run`` at --rows and at a quarter of them, parquet with an id column (so
 the duplicate-id check runs), each run in its own process with its own embedded Ray.
+
+``reduce``: ``--workers`` resident workers on one embedded Ray fit the rows with the
+search that ``auto`` picks at this k (approx), their steps reduced by a gather and a
+reduce-scatter in turn (the two give the same bits: tests/pipelines/test_shards.py), so
+that both meet the same machine state. Reported per reduction, over the steps after the
+first (exact for both): the bytes the driver receives (counted at
+``runtime.shards.gather``, where every answer arrives) and the median time of a step:
+from the centroids' put to the step's result (search, transfers, sums, means). With
+``--nodes N`` the workers are spread over a ``ray.cluster_utils.Cluster`` of N nodes on
+this machine, each with its own object store: what crosses nodes goes through Ray's
+object manager, as between machines.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import numpy as np
 from bench.common import OUT, dataset, save, start_ray
 from pseudolabel.ops.balanced import BalancedAssigner
 from pseudolabel.ops.dataset import ArrayData
-from pseudolabel.ops.kmeans import KMeansParams, fit, init_state
+from pseudolabel.ops.kmeans import CELL_ITERATIONS, KMeansParams, fit, init_state, neighbour_graph
 from tests.data import mixture
 
 
@@ -58,6 +72,22 @@ def search(args: argparse.Namespace) -> dict:
         approx["later_iteration_mean_s"] / flat["later_iteration_mean_s"], 4
     )
     results["final_inertia_ratio"] = round(approx["final_inertia"] / flat["final_inertia"], 6)
+
+    # The graph the driver builds each approx iteration, on the final centroids: its
+    # time against the FLOP of its cells' k-means (2 k c d per iteration), and how many
+    # candidates a row scores (a cell's candidates, weighted by the centroids in it).
+    t0 = time.perf_counter()
+    graph = neighbour_graph(fitted["approx"], "l2", 1)
+    build_s = time.perf_counter() - t0
+    members = np.bincount(graph.cell_of, minlength=graph.cells)
+    candidates = np.diff(graph.offsets)
+    results["graph"] = {
+        "cells": graph.cells,
+        "build_s": round(build_s, 3),
+        "cell_kmeans_flop": 2 * args.k * graph.cells * args.dim * CELL_ITERATIONS,
+        "members_per_cell": args.k / graph.cells,
+        "candidates_per_row": round(float((members * candidates).sum() / args.k), 1),
+    }
 
     # The label pass: rows with no previous label, against the same centroids.
     rows = x[: args.label_rows]
@@ -141,10 +171,89 @@ def driver(args: argparse.Namespace) -> dict:
     return results
 
 
+def reduce(args: argparse.Namespace) -> dict:
+    import ray
+
+    from pseudolabel.ops.kmeans import KMeansState
+    from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
+    from pseudolabel.pipelines.runtime import shards
+    from pseudolabel.pipelines.runtime.actors import WorkerSpec
+
+    root, x = dataset(args.rows, args.dim, args.components, shards=args.workers)
+    results: dict = {"rows": args.rows, "dim": args.dim, "k": args.k, "workers": args.workers,
+                     "nodes": args.nodes}  # fmt: skip
+    cluster = None
+    if args.nodes > 1:  # nodes with object stores of their own: transfers between them
+        from ray.cluster_utils import Cluster  # go through Ray's object manager (loopback)
+
+        node = {"num_cpus": -(-args.workers // args.nodes), "object_store_memory": 2 << 30}
+        cluster = Cluster(initialize_head=True, head_node_args=node)
+        for _ in range(args.nodes - 1):
+            cluster.add_node(**node)
+        ray.init(address=cluster.address, logging_level="ERROR")
+    else:
+        results["ray_start_s"] = start_ray()
+    plan = make_plan(str(root), ReadSettings())
+    cpus = min(1.0, ray.cluster_resources()["CPU"] / args.workers)
+    spec = WorkerSpec("l2", num_cpus=cpus, threads=1)
+    params = KMeansParams(args.k, iterations=args.iterations, tol=0, seed=1)
+    start = x[np.random.default_rng(1).choice(len(x), args.k, replace=False)]
+    steps: list[dict] = []  # per step: its reduction, bytes received, seconds
+    plain_gather, plain_step = shards.gather, shards.ResidentShards.partial_stats
+
+    def counting_gather(refs, timeout, what):  # every answer the driver receives
+        got = plain_gather(refs, timeout, what)
+        arrays = [a for p in got for a in (p.sums, p.counts, p.means) if a is not None]
+        steps[-1]["bytes"] += sum(a.nbytes for a in arrays)
+        return got
+
+    def alternating_step(self, centroids, near=None):
+        self.reduce = ("gather", "scatter")[len(steps) % 2]
+        steps.append({"reduce": self.reduce, "bytes": 0})
+        t0 = time.perf_counter()
+        stats = plain_step(self, centroids, near)
+        steps[-1]["step_s"] = time.perf_counter() - t0
+        return stats
+
+    shards.gather = counting_gather
+    shards.ResidentShards.partial_stats = alternating_step
+    try:
+        data = shards.ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), spec, args.workers)
+        try:
+
+            def show(_, record):
+                print(steps[-1]["reduce"], record.line(args.iterations), flush=True)
+
+            state = fit(data, params, KMeansState(start.copy()), show)
+        finally:
+            data.shutdown()
+    finally:
+        shards.gather = plain_gather
+        shards.ResidentShards.partial_stats = plain_step
+        if cluster is not None:
+            ray.shutdown()
+            cluster.shutdown()
+    later = steps[1:]  # the first step is exact for both: its time is the search's
+    for mode in ("gather", "scatter"):
+        mine = [s for s in later if s["reduce"] == mode]
+        results[mode] = {
+            "steps": len(mine),
+            "step_seconds": [round(s["step_s"], 3) for s in mine],
+            "median_step_s": round(float(np.median([s["step_s"] for s in mine])), 3),
+            "driver_bytes_per_step": int(np.mean([s["bytes"] for s in mine])),
+        }
+    gather, scatter = results["gather"], results["scatter"]
+    for what in ("median_step_s", "driver_bytes_per_step"):
+        results[f"{what}_ratio"] = round(scatter[what] / gather[what], 5)
+    results["final_inertia"] = state.history[-1].inertia
+    return results
+
+
 SIZES = {  # rows, dim, k, iterations, components: the issue's measurements
     "search": (600_000, 32, 65536, 5, 4096),
     "sample": (1 << 20, 32, 256, 20, 1024),
     "driver": (4_000_000, 16, 256, 5, 256),
+    "reduce": (131_072, 128, 65536, 13, 4096),
 }
 
 
@@ -154,14 +263,19 @@ def main() -> None:
     for flag in ("--rows", "--dim", "--k", "--iterations", "--components"):
         p.add_argument(flag, type=int, help="default: by benchmark (SIZES)")
     p.add_argument("--label-rows", type=int, default=100_000)
+    p.add_argument("--workers", type=int, default=8, help="reduce: resident workers")
+    p.add_argument("--nodes", type=int, default=1, help="reduce: Ray nodes on this machine")
     args = p.parse_args()
     for name, default in zip(("rows", "dim", "k", "iterations", "components"),
                              SIZES[args.what], strict=True):  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, default)
-    results = {"search": search, "sample": sample, "driver": driver}[args.what](args)
-    print({k: v for k, v in results.items() if k not in ("flat", "approx")})
-    print(save(f"scale-{args.what}", results))
+    results = {"search": search, "sample": sample, "driver": driver, "reduce": reduce}[args.what](
+        args
+    )
+    print({k: v for k, v in results.items() if k not in ("flat", "approx", "gather", "scatter")})
+    suffix = f"-{args.nodes}nodes" if args.what == "reduce" and args.nodes > 1 else ""
+    print(save(f"scale-{args.what}{suffix}", results))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.dataset import ArrayData, EpochLost, ShardedData, StreamingData
 from pseudolabel.ops.init import init_sample_size, resolve_init, seed_centroids
 from pseudolabel.ops.neighbours import CentroidGraph, cell_count, graph_from_cells
-from pseudolabel.ops.stats import PartialStats
+from pseudolabel.ops.stats import PartialStats, reduce_stats, tree_sum
 
 ALGORITHMS = ("lloyd", "minibatch")
 SEARCHES = ("flat", "approx", "auto")
@@ -150,14 +150,38 @@ def split_empty_clusters(
     return n_split
 
 
+def cluster_means(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """c_j = s_j / n_j as float32 where n_j > 0; an empty cluster keeps its centroid (the
+    split follows). Any slice of the k centroids with its sums and counts works alike."""
+    new = centroids.copy()
+    filled = counts > 0
+    new[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return new
+
+
+def reduce_slice(centroids: np.ndarray, parts: list[PartialStats]) -> PartialStats:
+    """One worker's share of a reduce-scatter: the workers' statistics of one slice of
+    the centroids (``PartialStats.split``), summed as the driver would sum whole ones
+    (``ops.stats.tree_sum``), to that slice's means and counts (``join_slices``)."""
+    total = tree_sum(parts, reduce_stats)
+    total.means = cluster_means(centroids, total.sums, total.counts)
+    total.sums = None
+    return total
+
+
 def lloyd_update(
     centroids: np.ndarray, stats: PartialStats, rng: np.random.Generator, spherical: bool
 ) -> tuple[np.ndarray, int]:
-    """New centroids c_j = s_j / n_j, empty clusters split. Returns (centroids, n_split)."""
+    """New centroids c_j = s_j / n_j, empty clusters split. Returns (centroids, n_split).
+
+    The means come from ``stats.means`` when the workers computed them (reduce-scatter),
+    else from the sums here: the same arithmetic, the same bits. The split needs every
+    count and centroid, so it runs here, on k x d."""
     counts = stats.counts
-    new = centroids.copy()
-    filled = counts > 0
-    new[filled] = (stats.sums[filled] / counts[filled, None]).astype(np.float32)
+    if stats.means is not None:
+        new = stats.means.copy()
+    else:
+        new = cluster_means(centroids, stats.sums, counts)
     n_split = split_empty_clusters(new, counts.copy(), rng)
     if spherical:
         new = normalize_rows(new)

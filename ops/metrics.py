@@ -12,12 +12,15 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import comb
 
 
-def contingency(labels: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(n_labels, n_classes) counts of (label, class) pairs; classes in sorted order."""
+def contingency(
+    labels: np.ndarray, truth: np.ndarray, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """(n_labels, n_classes) counts of (label, class) pairs; classes in sorted order.
+    ``counts``: how often each pair occurs (pairs already counted elsewhere), else once."""
     _, l_idx = np.unique(labels, return_inverse=True)
     _, t_idx = np.unique(truth, return_inverse=True)
     table = np.zeros((l_idx.max() + 1, t_idx.max() + 1), np.int64)
-    np.add.at(table, (l_idx, t_idx), 1)
+    np.add.at(table, (l_idx, t_idx), 1 if counts is None else counts)
     return table
 
 

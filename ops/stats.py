@@ -7,10 +7,10 @@ Sums accumulate in float64 whatever the storage dtype (invariant 3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,13 +43,17 @@ class PartialStats:
 
     ``changed`` of ``compared`` rows got another label than in the shard's previous
     step; rows without one (the first step, a restarted worker) are not compared.
+    ``means``: where the workers already divided the summed sums by the counts (a
+    reduce-scatter, ``ops.kmeans.cluster_means`` on each slice of the centroids), the
+    (k, d) float32 result, and ``sums`` is None: the driver never holds them.
     """
 
-    sums: np.ndarray
+    sums: np.ndarray | None
     counts: np.ndarray
     inertia: float
     changed: int = 0
     compared: int = 0
+    means: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, k: int, d: int) -> PartialStats:
@@ -61,6 +65,58 @@ class PartialStats:
 
     def __add__(self, other: PartialStats) -> PartialStats:
         return reduce_stats([self, other])
+
+    def split(self, bounds: list[tuple[int, int]]) -> list[PartialStats]:
+        """The statistics of each slice [lo, hi) of the centroids (a reduce-scatter's
+        parts); the scalars ride with the first slice, so that ``join_slices`` of the
+        slices' sums is the whole."""
+        # Views, not copies: each is serialised on its own, its rows only (they are
+        # contiguous); a copy of k x d float64 costs as much again as the puts.
+        scalars = [(self.inertia, self.changed, self.compared)] + [(0.0, 0, 0)] * len(bounds)
+        return [
+            PartialStats(self.sums[lo:hi], self.counts[lo:hi], *scalars[i])
+            for i, (lo, hi) in enumerate(bounds)
+        ]
+
+
+def join_slices(slices: list[PartialStats]) -> PartialStats:
+    """The whole step from its slices in centroid order, each reduced on its own worker
+    to ``means`` and counts: sums stay None, scalars add up."""
+    return PartialStats(
+        None,
+        np.concatenate([s.counts for s in slices]),
+        sum(s.inertia for s in slices),
+        sum(s.changed for s in slices),
+        sum(s.compared for s in slices),
+        means=np.concatenate([s.means for s in slices]),
+    )
+
+
+# Statistics are summed in a tree of at most this many parts a node (on the driver's
+# cluster a node is a Ray task), always in the same grouping: ``tree_sum``.
+REDUCE_FAN_IN = 8
+
+
+def tree_sum(
+    parts: list,
+    add: Callable[[list], Any],
+    last: Callable[[list], Any] | None = None,
+    fan_in: int = REDUCE_FAN_IN,
+) -> Any:
+    """``add`` over groups of ``fan_in`` consecutive parts, level by level, then ``last``
+    (default ``add``) over the last level's at most ``fan_in`` results. Floating-point
+    sums depend on their grouping: every reduction that follows this one (Ray tasks in
+    ``pipelines.runtime.shards``; one slice per worker in a reduce-scatter) gives the
+    same bits for the same parts in the same order."""
+    while len(parts) > fan_in:
+        parts = [add(parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
+    return (last or add)(parts)
+
+
+def slice_bounds(k: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) of ``parts`` contiguous slices of k centroids, sizes within one."""
+    edges = np.linspace(0, k, parts + 1).round().astype(int)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(parts)]
 
 
 def reduce_stats(parts: list[PartialStats]) -> PartialStats:

@@ -26,6 +26,12 @@ from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.plan import BAD_ROW_POLICIES, Plan, ReadSettings
 
+# How a Lloyd step's statistics are summed (``runtime.shards.reduce_mode``); "auto"
+# reduce-scatters from this many bytes of float64 sums over all workers (W x k x d x 8),
+# when they span several nodes.
+REDUCES = ("auto", "gather", "scatter")
+SCATTER_FROM_BYTES = 1 << 30
+
 # --fit-sample auto: rows per centroid, faiss's default subsampling (max_points_per_centroid).
 SAMPLE_PER_CENTROID = 256
 
@@ -161,6 +167,14 @@ class RunConfig:
         "seconds a worker may take to answer one step before the run fails "
         "(0: from the step's size: 300 s plus 1 s per 5e7 row x centre x dim)",
     )
+    reduce: str = _opt(
+        "auto",
+        "Lloyd: sum the workers' statistics on the driver (gather), or on the workers, "
+        "one slice of the centroids each (scatter); auto: scatter when the workers span "
+        f"several nodes and hold {SCATTER_FROM_BYTES >> 30} GiB of sums (workers x k x "
+        "dim x 8 bytes) or more",
+        choices=REDUCES,
+    )
     # Ray and storage.
     ray_address: str | None = _opt(
         None,
@@ -231,6 +245,11 @@ class RunConfig:
             self.fit_sample == "0" or self.algorithm == "lloyd",
             "--fit-sample needs --algorithm lloyd (mini-batch streams every row once an "
             "epoch: lower --iterations instead)",
+        )
+        _require(
+            self.reduce == "auto" or self.algorithm == "lloyd",
+            "--reduce needs --algorithm lloyd (mini-batch steps are small: their "
+            "statistics are gathered)",
         )
         _require(
             self.search != "approx" or self.algorithm == "lloyd",

@@ -343,6 +343,8 @@ def _manifest(
             "search": resolve_search(config.search, config.k, config.algorithm),
             # --fit-sample: the rows the workers held and fitted on (null: all rows)
             "sample_rows": fitted.sample_rows,
+            # how the workers' statistics were summed (--reduce): gather or scatter
+            "reduce": fitted.reduce,
             # rows whose label changed in the last iteration (null: not known, e.g. the
             # only iteration, or a worker was rebuilt in it)
             "changed_last_iteration": (

@@ -517,7 +517,8 @@ def _rounds(cfg: TrainConfig, manifest: dict, first: HeadResult, dim: int, k: in
         ).write_parquet(features.path, filesystem=features.arrow_fs())
         run_url = out.join("rounds", str(r), "run").url
         run(_round_config(manifest["config"], cfg, features.url, run_url, r))
-        agreement = nmi(_contingency(previous_url, run_url, cfg.storage_options))
+        rows = manifest["input"]["rows"]
+        agreement = nmi(_contingency(previous_url, run_url, cfg.storage_options, rows))
         joined, _ = joined_dataset(
             cfg, run_url, [cfg.label_column] + ([cfg.truth_column] if cfg.truth_column else [])
         )
@@ -559,12 +560,10 @@ def _round_config(previous: dict, cfg: TrainConfig, input_url: str, output_url: 
     return RunConfig(**values).validate()
 
 
-def _contingency(a_url: str, b_url: str, options: dict) -> np.ndarray:
-    """Labels of two runs, joined by id, as a contingency table."""
-    from pseudolabel.pipelines.io.label_files import ids_and_labels
+def _contingency(a_url: str, b_url: str, options: dict, rows: int) -> np.ndarray:
+    """Labels of two runs of about ``rows`` rows, joined by id, as a contingency table:
+    the join runs in Ray tasks partitioned by id, the driver gets the pairs' counts."""
+    from pseudolabel.pipelines.runtime.label_partitions import label_contingency
 
-    a, b = (
-        ids_and_labels(resolve(u, options).join(LABELS).files([".parquet"])) for u in (a_url, b_url)
-    )
-    both = a.join(b, "id", join_type="inner", left_suffix="_a")
-    return contingency(both.column("label_a").to_numpy(), both.column("label").to_numpy())
+    a, b = (resolve(u, options).join(LABELS).files([".parquet"]) for u in (a_url, b_url))
+    return contingency(*label_contingency(a, b, rows))

@@ -2,8 +2,11 @@
 
 ``ResidentShards`` implements ``ShardedData`` and ``ResamplableData``, so
 ``ops.kmeans.fit`` and ``ops.hierarchical.resample_refine`` run unchanged on a cluster.
-Per iteration the driver puts the centroids once and receives k x d float64 sums and k
-counts per worker, summed in a tree when there are many workers (DESIGN invariant 2).
+Per iteration the driver puts the centroids once. It then receives k x d float64 sums
+and k counts per worker, summed in a tree when there are many workers (DESIGN invariant
+2); or, when those sums are large (``reduce_mode``), the workers reduce-scatter them: each
+sends slice j of its sums to worker j, which sums and divides that slice, and the driver
+receives only the new means and the counts, k x d float32 once.
 Samples and selections travel as keys and row numbers; embeddings reach the driver only
 as the seeding sample.
 """
@@ -18,8 +21,15 @@ import numpy as np
 import ray
 
 from pseudolabel.ops.sampling import cluster_thresholds, smallest
-from pseudolabel.ops.stats import PartialStats, reduce_stats
+from pseudolabel.ops.stats import (
+    PartialStats,
+    join_slices,
+    reduce_stats,
+    slice_bounds,
+    tree_sum,
+)
 from pseudolabel.pipelines import progress
+from pseudolabel.pipelines.config import REDUCES, SCATTER_FROM_BYTES
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
 from pseudolabel.pipelines.runtime.actors import (
     WorkerSpec,
@@ -36,9 +46,21 @@ from pseudolabel.pipelines.runtime.workers import ShardWorker
 
 log = logging.getLogger("pseudolabel")
 
-# Above this many workers the driver sums their statistics in a tree of Ray tasks,
-# each adding at most this many, instead of receiving every k x d matrix itself.
-REDUCE_FAN_IN = 8
+# A reduce-scatter step whose slices were lost with a node is run again, this often.
+SCATTER_RETRIES = 3
+
+
+def reduce_mode(reduce: str, workers: int, nodes: int, k: int, dim: int) -> str:
+    """ "gather" or "scatter" for ``reduce``. "auto" scatters where the workers span
+    several nodes and their sums (W x k x d x 8 bytes) reach SCATTER_FROM_BYTES: a
+    gather then pulls all of them through the driver's link. On one node a gather reads
+    them from shared memory, measured faster (``python -m bench.scale reduce``)."""
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    if reduce == "auto":
+        big = workers * k * dim * 8 >= SCATTER_FROM_BYTES
+        return "scatter" if big and nodes > 1 else "gather"
+    return reduce
 
 
 @ray.remote
@@ -47,27 +69,69 @@ def _sum_stats(*parts: PartialStats) -> PartialStats:
 
 
 def tree_reduce(refs: list, timeout: float) -> PartialStats:
-    """Sum statistics refs, REDUCE_FAN_IN at a time, in a fixed (index) order; every
-    worker's answer within ``timeout`` seconds (``actors.gather``)."""
+    """Sum statistics refs in ``ops.stats.tree_sum``'s grouping: Ray tasks of
+    REDUCE_FAN_IN parts, the last level on the driver; every worker's answer within
+    ``timeout`` seconds (``actors.gather``)."""
     wait_all(refs, timeout, "a step's statistics")  # the workers; the sums follow
-    while len(refs) > REDUCE_FAN_IN:
-        refs = [
-            _sum_stats.remote(*refs[i : i + REDUCE_FAN_IN])
-            for i in range(0, len(refs), REDUCE_FAN_IN)
-        ]
-    return reduce_stats(gather(refs, timeout, "a step's statistics"))
+    return tree_sum(
+        refs,
+        lambda group: _sum_stats.remote(*group),
+        lambda group: reduce_stats(gather(group, timeout, "a step's statistics")),
+    )
+
+
+def scatter_reduce(actors: list, centroids_ref, near_ref, k: int, timeout: float) -> PartialStats:
+    """One step reduced on the workers: worker i splits its statistics into W slices of
+    the centroids (``num_returns``), worker j sums slice j of all of them and divides
+    (``ops.kmeans.reduce_slice``). The driver receives k counts, k x d float32 means
+    and the scalars: ``PartialStats`` with ``means`` set and no sums."""
+    bounds = slice_bounds(k, len(actors))
+    for attempt in range(SCATTER_RETRIES + 1):
+        try:
+            sliced = [
+                a.split_stats.options(num_returns=len(actors)).remote(
+                    centroids_ref, bounds, near_ref
+                )
+                for a in actors
+            ]
+            sliced = [[refs] if len(actors) == 1 else refs for refs in sliced]
+            # No barrier here: a reducer fetches the slices of the workers that are done
+            # while the others still compute. ``gather`` bounds the whole step.
+            reduced = [
+                a.reduce_slice.remote(centroids_ref, lo, hi, *[refs[j] for refs in sliced])
+                for j, (a, (lo, hi)) in enumerate(zip(actors, bounds, strict=True))
+            ]
+            return join_slices(gather(reduced, timeout, "a step's reduce-scatter"))
+        except ray.exceptions.ObjectLostError as e:  # a node left with slices on it
+            if attempt == SCATTER_RETRIES:
+                raise
+            log.warning("fit: a reduce-scatter lost its slices (%s); running the step again",
+                        type(e).__name__)  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 class ResidentShards:
     """ShardWorker actors that hold their rows, one per source."""
 
-    def __init__(self, sources: list, settings: ReadSettings, spec: WorkerSpec, ledger=None):
-        self.settings, self.spec = settings, spec
+    def __init__(
+        self,
+        sources: list,
+        settings: ReadSettings,
+        spec: WorkerSpec,
+        ledger=None,
+        reduce: str = "auto",
+    ):
+        self.settings, self.spec, self.reduce = settings, spec, reduce
         ledger = as_argument(ledger)
         self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
         sizes = [s.size() for s in sources]
         with progress.bar(sum(sizes), "load", "row") as bar:
             self.infos = wait_ready(self.actors, spec, lambda i: bar.update(sizes[i]))
+
+    def reduce_mode(self, k: int) -> str:
+        """How a step against ``k`` centres is reduced: ``reduce_mode`` for these workers."""
+        nodes = len({i["node"] for i in self.infos})
+        return reduce_mode(self.reduce, len(self.actors), nodes, k, self.dim())
 
     def timeout(self, k: int) -> float:
         """Seconds to wait for one step against ``k`` centres (``actors.step_timeout``)."""
@@ -76,7 +140,13 @@ class ResidentShards:
 
     @classmethod
     def from_plan(
-        cls, plan: Plan, settings: ReadSettings, spec: WorkerSpec, workers: int, ledger=None
+        cls,
+        plan: Plan,
+        settings: ReadSettings,
+        spec: WorkerSpec,
+        workers: int,
+        ledger=None,
+        reduce: str = "auto",
     ) -> ResidentShards:
         assignment = plan.split(workers)
         if len(assignment) < workers:
@@ -86,7 +156,8 @@ class ResidentShards:
                 len(assignment),
                 workers,
             )
-        return cls([FileRows(tuple(s)) for s in assignment], settings, spec, ledger)
+        sources = [FileRows(tuple(s)) for s in assignment]
+        return cls(sources, settings, spec, ledger, reduce)
 
     def count(self) -> int:
         return sum(i["rows"] for i in self.infos)
@@ -99,11 +170,15 @@ class ResidentShards:
 
     def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
         """One step; with ``near`` (a ``CentroidGraph``, put once) each worker scores its
-        rows near their labels of its previous step."""
+        rows near their labels of its previous step. Reduced by a gather or, for large
+        sums, a reduce-scatter (``reduce_mode``)."""
+        k, timeout = len(centroids), self.timeout(len(centroids))
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         near_ref = None if near is None else ray.put(near)
+        if self.reduce_mode(k) == "scatter":
+            return scatter_reduce(self.actors, ref, near_ref, k, timeout)
         refs = [a.partial_stats.remote(ref, None, near_ref) for a in self.actors]
-        return tree_reduce(refs, self.timeout(len(centroids)))
+        return tree_reduce(refs, timeout)
 
     def cluster_subset(
         self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int

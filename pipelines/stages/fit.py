@@ -35,6 +35,7 @@ class FitResult:
     rows_dtypes: list[str] = field(default_factory=list)  # what each resident worker holds
     seconds: dict[str, float] = field(default_factory=dict)
     sample_rows: int | None = None  # rows the fit held, when --fit-sample sampled them
+    reduce: str | None = None  # how Lloyd's statistics were summed: gather or scatter
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
 
@@ -80,7 +81,7 @@ def start_workers(
             ledger=ledger,
         )
         return StreamingShards(dataset, "embedding", plan.dim, plan.total_rows, spec, workers)
-    return ResidentShards.from_plan(plan, settings, spec, workers, ledger)
+    return ResidentShards.from_plan(plan, settings, spec, workers, ledger, config.reduce)
 
 
 def fit_on_workers(
@@ -195,6 +196,7 @@ def run_fit(
     nodes = len({i["node"] for i in data.infos})
     warn_fallback("fit", spec.device, data.infos)
     devices = "/".join(sorted({i["device"] for i in data.infos}))  # as the workers found
+    reduce = None
     if isinstance(data, ResidentShards):
         log.info(
             "fit: %d %s workers on %d node(s) loaded %d rows in %.1f s",
@@ -204,6 +206,15 @@ def run_fit(
             data.count(),
             load,
         )
+        reduce = data.reduce_mode(config.k)
+        if reduce == "scatter":
+            log.info(
+                "fit: %.2f GiB of sums a step are reduce-scattered over the %d workers "
+                "(--reduce %s); the driver receives the means and counts",
+                len(data.actors) * config.k * plan.dim * 8 / 2**30,
+                len(data.actors),
+                config.reduce,
+            )
     else:
         log.info("fit: %d %s workers streaming from Ray Data", len(data.actors), devices)
     kept = False
@@ -222,6 +233,7 @@ def run_fit(
             [str(i["rows_dtype"]) for i in data.infos if "rows_dtype" in i],
             {"load": load, **seconds},
             data.count() if sample else None,
+            reduce,
             data if kept else None,
         )
     finally:

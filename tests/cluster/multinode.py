@@ -1,7 +1,10 @@
-"""Run the fit on a ray.cluster_utils.Cluster of three nodes, and the same loop in this
-process on the same rows (``ops.dataset.ArrayData``: one machine, no Ray); print JSON.
-Twice: with the exact search (k = 8), and with ``--search approx`` (k = 64), where each
-worker keeps its rows' last labels and the driver ships the neighbour graph.
+"""Run the fit on a ray.cluster_utils.Cluster of four nodes with small object stores,
+eight workers, and the same loop in this process on the same rows
+(``ops.dataset.ArrayData``: one machine, no Ray); print JSON. Twice: with the exact
+search (k = 8), and with ``--search approx`` (k = 64), where each worker keeps its rows'
+last labels and the driver ships the neighbour graph. Both reduce-scatter their
+statistics (``--reduce scatter``): each worker sends slice j of its sums to worker j,
+through the object store (objects above 1 KiB go there, not inline through the driver).
 
 Its own process: the multi-node cluster needs a fresh ray.init, and the rest of the
 suite shares one local Ray. Used by test_multinode.py.
@@ -30,11 +33,17 @@ FITS = {
 }
 
 
+NODES, CPUS_PER_NODE, WORKERS = 4, 2, 8
+OBJECT_STORE_BYTES = 80 << 20  # per node: about Ray's minimum
+INLINE_BYTES = 1024  # Ray returns smaller objects inline to their owner, the driver
+
+
 def fit_on(address: str, root: str, workers: int) -> tuple[list, dict]:
     ray.init(address=address, logging_level="ERROR")
     try:
         plan = make_plan(root, ReadSettings())
-        data = ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), WorkerSpec("l2"), workers)
+        settings, spec = ReadSettings(dim=plan.dim), WorkerSpec("l2")
+        data = ResidentShards.from_plan(plan, settings, spec, workers, reduce="scatter")
         try:
             states = {name: fit(data, p, init_state(data, p)[0]) for name, p in FITS.items()}
             return [i["node"] for i in data.infos], states
@@ -59,13 +68,15 @@ def fit_here(root: str) -> dict:
 
 def main() -> None:
     root = sys.argv[1]
-    three = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    three.add_node(num_cpus=1)
-    three.add_node(num_cpus=1)
+    node = {"num_cpus": CPUS_PER_NODE, "object_store_memory": OBJECT_STORE_BYTES}
+    system = {"max_direct_call_object_size": INLINE_BYTES}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "_system_config": system})
+    for _ in range(NODES - 1):
+        cluster.add_node(**node)
     try:
-        nodes, spread = fit_on(three.address, root, 3)
+        nodes, spread = fit_on(cluster.address, root, WORKERS)
     finally:
-        three.shutdown()
+        cluster.shutdown()
     single = fit_here(root)
     diff = {n: float(np.abs(spread[n].centroids - single[n].centroids).max()) for n in FITS}
     approx = spread["approx"].history

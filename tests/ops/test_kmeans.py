@@ -1,3 +1,5 @@
+import itertools
+
 import faiss
 import numpy as np
 import pytest
@@ -161,3 +163,62 @@ def test_spherical_matches_faiss_spherical():
     ours = faiss.knn(xn, state.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].sum()
     ref = faiss.knn(xn, km.centroids, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].sum()
     assert ours >= 0.99 * ref  # similarity: larger is better
+
+
+@pytest.mark.parametrize("workers", [1, 3, 19])
+def test_reduce_scatter_gives_the_gathers_bits(workers):
+    """Each worker's statistics split into W slices, slice j of all of them reduced on
+    "worker j" and joined, give the update that the summed whole gives: the same bits,
+    empty-cluster splits included (19 workers: the tree's grouping, 8 + 8 + 3)."""
+    from pseudolabel.ops.kmeans import lloyd_update, reduce_slice, rng_for
+    from pseudolabel.ops.stats import join_slices, reduce_stats, slice_bounds, tree_sum
+
+    rng = np.random.default_rng(workers)
+    k, d = 10, 5
+    centroids = rng.standard_normal((k, d)).astype(np.float32)
+    parts = []
+    for i in range(workers):
+        counts = rng.integers(0, 30, k)
+        counts[[2, 7]] = 0  # empty in every worker: split after the reduction
+        sums = rng.standard_normal((k, d)) * counts[:, None]
+        parts.append(PartialStats(sums, counts, float(rng.random()), i, 2 * i))
+    whole = tree_sum(parts, reduce_stats)
+    bounds = slice_bounds(k, workers)
+    pieces = [p.split(bounds) for p in parts]
+    joined = join_slices(
+        [
+            reduce_slice(centroids[lo:hi], [pc[j] for pc in pieces])
+            for j, (lo, hi) in enumerate(bounds)
+        ]
+    )
+    assert joined.sums is None
+    np.testing.assert_array_equal(joined.counts, whole.counts)
+    assert (joined.inertia, joined.changed, joined.compared) == (
+        whole.inertia, whole.changed, whole.compared
+    )  # fmt: skip
+    gathered, n1 = lloyd_update(centroids, whole, rng_for(0, 1, 0), spherical=False)
+    scattered, n2 = lloyd_update(centroids, joined, rng_for(0, 1, 0), spherical=False)
+    assert n1 == n2 == 2
+    np.testing.assert_array_equal(scattered, gathered)
+
+
+def test_slice_bounds_cover_k_in_near_equal_slices():
+    from pseudolabel.ops.stats import slice_bounds
+
+    bounds = slice_bounds(10, 4)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert {hi - lo for lo, hi in bounds} <= {2, 3}
+    assert sum(hi - lo for lo, hi in slice_bounds(3, 5)) == 3  # more workers than centres
+
+
+def test_tree_sum_groups_by_the_fan_in():
+    from pseudolabel.ops.stats import tree_sum
+
+    def add(group):
+        return "(" + "+".join(group) + ")"
+
+    assert tree_sum(list("abc"), add, fan_in=2) == "((a+b)+(c))"
+    assert (
+        tree_sum(list("abcde"), add, last=lambda g: "+".join(g), fan_in=2) == "((a+b)+(c+d))+((e))"
+    )

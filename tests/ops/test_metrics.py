@@ -46,3 +46,12 @@ def test_size_stats():
     skewed = size_stats(np.array([37, 1, 1, 1]))
     assert skewed["imbalance_factor"] > 3 and skewed["entropy"] < 0.5
     assert size_stats(np.array([3, 0]))["max_over_min"] == float("inf")
+
+
+def test_contingency_of_pairs_counted_elsewhere_equals_counting_rows():
+    rng = np.random.default_rng(0)
+    labels, truth = rng.integers(0, 5, 300), rng.integers(0, 3, 300)
+    pairs, counts = np.unique(np.stack([labels, truth]), axis=1, return_counts=True)
+    np.testing.assert_array_equal(
+        contingency(pairs[0], pairs[1], counts), contingency(labels, truth)
+    )

@@ -45,6 +45,7 @@ def test_run_prints_progress_and_summary(tmp_path):
         # Flags whose effect the manifest shows (asserted below).
         "--init", "random", "--balanced", "--epsilon", "0.01", "--sinkhorn-tol", "0.002",
         "--score-cache-gb", "0", "--label-workers", "1", "--ray-num-cpus", "3",
+        "--reduce", "scatter",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for i in (1, 2, 3):
@@ -61,6 +62,8 @@ def test_run_prints_progress_and_summary(tmp_path):
     assert manifest["ray"] == {"cpus": 3, "gpus": 0}  # the embedded Ray, as --ray-num-cpus said
     assert manifest["fit"]["iterations_run"] == 3 and manifest["fit"]["workers"] == 2
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
+    assert manifest["fit"]["reduce"] == "scatter"  # summed on the workers, said once
+    assert result.stdout.count("reduce-scattered over the 2 workers") == 1
     label = manifest["label"]  # every labeler reported itself, as many as asked for
     assert label["actors"] == label["asked"] == 1 and label["devices"] == ["cpu"]
     assert manifest["fit"]["init"].startswith("random")
@@ -263,7 +266,9 @@ FLAG_SAMPLES = {
 # Settings that refuse each other's non-default values: the later ones of a pair are
 # given in a second command line, with the earlier at its default.
 # Mini-batch holds no rows to resample, or to sample for the fit.
-FLAG_CONFLICTS = {"resampling_steps": "algorithm", "fit_sample": "algorithm"}
+FLAG_CONFLICTS = {
+    "resampling_steps": "algorithm", "fit_sample": "algorithm", "reduce": "algorithm"
+}  # fmt: skip
 
 
 def _sample(field) -> object:

@@ -34,16 +34,18 @@ from tests.processes import kill_session, spawn
 BIN = Path(sys.executable).parent
 
 
-def test_worker_killed_mid_fit_is_rebuilt(own_ray, small_dataset):
+@pytest.mark.parametrize("reduce", ["gather", "scatter"])
+def test_worker_killed_mid_fit_is_rebuilt(own_ray, small_dataset, reduce):
+    """With --reduce scatter the killed worker also owns a slice of the centroids: its
+    rebuilt process sums that slice from the next step on."""
     root, _, _ = small_dataset
     plan = make_plan(str(root), ReadSettings())
     settings = ReadSettings(dim=plan.dim)
     params = KMeansParams(k=12, iterations=8, tol=0, seed=4)
     results = []
     for kill_at in (None, 3):
-        data = ResidentShards.from_plan(
-            plan, settings, WorkerSpec("l2", num_cpus=0.5, max_restarts=2), 2
-        )
+        spec = WorkerSpec("l2", num_cpus=0.5, max_restarts=2)
+        data = ResidentShards.from_plan(plan, settings, spec, 2, reduce=reduce)
         victim = data.infos[1]["pid"]
 
         def on_iteration(state, record, kill_at=kill_at, victim=victim):

@@ -126,8 +126,8 @@ def test_more_than_eight_workers_are_summed_in_a_tree(ray_local):
     # a dropped or repeated group would change every field.
     import ray
 
-    from pseudolabel.ops.stats import PartialStats
-    from pseudolabel.pipelines.runtime.shards import REDUCE_FAN_IN, tree_reduce
+    from pseudolabel.ops.stats import REDUCE_FAN_IN, PartialStats
+    from pseudolabel.pipelines.runtime.shards import tree_reduce
 
     rng = np.random.default_rng(0)
     parts = [
@@ -143,3 +143,39 @@ def test_more_than_eight_workers_are_summed_in_a_tree(ray_local):
     np.testing.assert_array_equal(total.sums, sum(p.sums for p in parts))
     np.testing.assert_array_equal(total.counts, sum(p.counts for p in parts))
     assert total.inertia == sum(range(1, 20))
+
+
+def test_reduce_scatter_equals_gather(ray_local, small_dataset):
+    """--reduce scatter (slices summed and divided on the workers) and gather (sums on
+    the driver) give the same centroids, bit for bit, with empty clusters to split (two
+    identical starting centroids) and k not a multiple of W."""
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    params = KMeansParams(k=13, iterations=4, tol=0, seed=2, search="approx")
+    start = x[:13].copy()
+    start[1] = start[0]  # one of the two gets no rows: split in the first iteration
+    results = {}
+    for reduce in ("gather", "scatter"):
+        data = ResidentShards.from_plan(plan, settings, SPEC, 3, reduce=reduce)
+        try:
+            state = fit(data, params, KMeansState(start.copy()))
+        finally:
+            data.shutdown()
+        results[reduce] = state
+    gather, scatter = results["gather"], results["scatter"]
+    assert gather.history[0].n_split >= 1
+    np.testing.assert_array_equal(scatter.centroids, gather.centroids)
+    assert [r.inertia for r in scatter.history] == [r.inertia for r in gather.history]
+    assert [r.changed for r in scatter.history] == [r.changed for r in gather.history]
+
+
+def test_auto_reduce_scatters_large_sums_across_nodes_only():
+    from pseudolabel.pipelines.runtime.shards import reduce_mode
+
+    # 8 workers x k = 65536 x d = 768 x 8 bytes = 3 GiB of sums a step.
+    assert reduce_mode("auto", 8, 2, 65536, 768) == "scatter"
+    assert reduce_mode("auto", 8, 1, 65536, 768) == "gather"  # one node: shared memory
+    assert reduce_mode("auto", 8, 4, 1024, 128) == "gather"  # 8 MiB: one gather is cheap
+    assert reduce_mode("scatter", 1, 1, 8, 2) == "scatter"
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        reduce_mode("allreduce", 8, 2, 8, 2)

@@ -20,6 +20,7 @@ import ray
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.gpu import usable_device
+from pseudolabel.ops.kmeans import reduce_slice
 from pseudolabel.ops.sampling import row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats
 from pseudolabel.pipelines.errors import PseudolabelError
@@ -145,3 +146,18 @@ class ResidentRows:
         if near is None:
             near = CentroidIndex(centroids, self.spec.metric, self.spec.device)
         return partial_stats(self.x, near, labels=self.labels)
+
+    def split_stats(
+        self, centroids: np.ndarray, bounds: list[tuple[int, int]], near=None
+    ) -> tuple[PartialStats, ...] | PartialStats:
+        """``partial_stats`` as one part per slice of the centroids, for a reduce-scatter
+        (``runtime.shards.scatter_reduce`` calls it with num_returns = len(bounds))."""
+        parts = self.partial_stats(centroids, None, near).split(bounds)
+        return tuple(parts) if len(parts) > 1 else parts[0]
+
+    def reduce_slice(
+        self, centroids: np.ndarray, lo: int, hi: int, *parts: PartialStats
+    ) -> PartialStats:
+        """This worker's slice [lo, hi) of a reduce-scatter: every worker's statistics of
+        it (Ray fetched them here), summed and divided (``ops.kmeans.reduce_slice``)."""
+        return reduce_slice(centroids[lo:hi], list(parts))
