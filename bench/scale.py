@@ -2,6 +2,7 @@
 
     python -m bench.scale search [--rows 600000] [--dim 32] [--k 65536] [--iterations 5]
     python -m bench.scale sample [--rows 1048576] [--dim 32] [--k 256] [--iterations 20]
+                                 [--seeds 1,2,3]
     python -m bench.scale driver [--rows 4000000] [--dim 16] [--k 256] [--iterations 5]
     python -m bench.scale reduce [--rows 131072] [--dim 128] [--k 65536] [--iterations 13]
                                  [--workers 8] [--nodes 1]
@@ -15,8 +16,10 @@ neighbour graph's build time and the candidates a row is scored against.
 
 ``sample``: two whole ``pseudolabel run``s on the same parquet shards and embedded Ray,
 one fitting every row, one ``--fit-sample auto`` (256 k rows, 1/16 of the input at the
-defaults); both label every row. Reported: the fit stage's time and its iterations'
-time, and the objective over all rows (the sum of the label pass's distances).
+defaults); both label every row. Once per seed in ``--seeds``: the seed draws the
+seeding and the sample, and the local optimum each fit ends in. Reported per seed and
+as mean and max over the seeds: the fit stage's time and its iterations' time, and the
+objective over all rows (the sum of the label pass's distances), as ratios.
 
 ``driver``: the driver's peak resident memory (VmHWM from /proc) in a whole
 ``pseudolabel run`` at --rows and at a quarter of them, parquet with an id column (so
@@ -74,16 +77,21 @@ def search(args: argparse.Namespace) -> dict:
     results["final_inertia_ratio"] = round(approx["final_inertia"] / flat["final_inertia"], 6)
 
     # The graph the driver builds each approx iteration, on the final centroids: its
-    # time against the FLOP of its cells' k-means (2 k c d per iteration), and how many
-    # candidates a row scores (a cell's candidates, weighted by the centroids in it).
+    # time against the FLOP of its cells' k-means (2 k c d per iteration), from random
+    # cells and from the same graph's, and how many candidates a row scores (a cell's
+    # candidates, weighted by the centroids in it).
     t0 = time.perf_counter()
     graph = neighbour_graph(fitted["approx"], "l2", 1)
     build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    neighbour_graph(fitted["approx"], "l2", 1, previous=graph)  # as iterations 3 on do
+    warm_s = time.perf_counter() - t0
     members = np.bincount(graph.cell_of, minlength=graph.cells)
     candidates = np.diff(graph.offsets)
     results["graph"] = {
         "cells": graph.cells,
         "build_s": round(build_s, 3),
+        "warm_build_s": round(warm_s, 3),
         "cell_kmeans_flop": 2 * args.k * graph.cells * args.dim * CELL_ITERATIONS,
         "members_per_cell": args.k / graph.cells,
         "candidates_per_row": round(float((members * candidates).sum() / args.k), 1),
@@ -113,27 +121,35 @@ def sample(args: argparse.Namespace) -> dict:
     from pseudolabel.pipelines.config import build
 
     root, _ = dataset(args.rows, args.dim, args.components, shards=8)
-    results: dict = {"rows": args.rows, "dim": args.dim, "k": args.k,
+    results: dict = {"rows": args.rows, "dim": args.dim, "k": args.k, "seeds": args.seeds,
                      "ray_start_s": start_ray()}  # fmt: skip
-    for name, fit_sample in (("full", "0"), ("sampled", "auto")):
-        out = OUT / f"scale-sample-{name}"
-        manifest = run(
-            build(input=str(root), output=str(out), k=args.k, iterations=args.iterations,
-                  tol=0, seed=1, init="random", fit_sample=fit_sample, overwrite=True)
-        )  # fmt: skip
-        distances = pq.read_table(out / "labels", columns=["distance"]).column("distance")
-        results[name] = {
-            "fit_s": round(manifest["timings"]["fit"], 3),
-            "iterations_s": round(manifest["fit"]["seconds"]["iterations"], 3),
-            "sample_rows": manifest["fit"]["sample_rows"],
-            "objective_all_rows": float(np.sum(distances.to_numpy(), dtype=np.float64)),
-        }
-    full, sampled = results["full"], results["sampled"]
-    results["fit_time_ratio"] = round(sampled["fit_s"] / full["fit_s"], 4)
-    results["iterations_time_ratio"] = round(sampled["iterations_s"] / full["iterations_s"], 4)
-    results["objective_ratio"] = round(
-        sampled["objective_all_rows"] / full["objective_all_rows"], 6
-    )
+    for seed in args.seeds:  # a seed draws the seeding and the sample: local optima vary
+        runs = {}
+        for name, fit_sample in (("full", "0"), ("sampled", "auto")):
+            out = OUT / f"scale-sample-{name}"
+            manifest = run(
+                build(input=str(root), output=str(out), k=args.k, iterations=args.iterations,
+                      tol=0, seed=seed, init="random", fit_sample=fit_sample, overwrite=True)
+            )  # fmt: skip
+            distances = pq.read_table(out / "labels", columns=["distance"]).column("distance")
+            runs[name] = {
+                "fit_s": round(manifest["timings"]["fit"], 3),
+                "iterations_s": round(manifest["fit"]["seconds"]["iterations"], 3),
+                "sample_rows": manifest["fit"]["sample_rows"],
+                "objective_all_rows": float(np.sum(distances.to_numpy(), dtype=np.float64)),
+            }
+        full, sampled = runs["full"], runs["sampled"]
+        runs["fit_time_ratio"] = round(sampled["fit_s"] / full["fit_s"], 4)
+        runs["iterations_time_ratio"] = round(sampled["iterations_s"] / full["iterations_s"], 4)
+        runs["objective_ratio"] = round(
+            sampled["objective_all_rows"] / full["objective_all_rows"], 6
+        )
+        print("seed", seed, {k: v for k, v in runs.items() if k.endswith("ratio")}, flush=True)
+        results[f"seed {seed}"] = runs
+    for what in ("fit_time_ratio", "iterations_time_ratio", "objective_ratio"):
+        values = [results[f"seed {s}"][what] for s in args.seeds]
+        results[f"mean_{what}"] = round(float(np.mean(values)), 6)
+        results[f"max_{what}"] = max(values)
     return results
 
 
@@ -264,6 +280,8 @@ def main() -> None:
         p.add_argument(flag, type=int, help="default: by benchmark (SIZES)")
     p.add_argument("--label-rows", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=8, help="reduce: resident workers")
+    p.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[1, 2, 3],
+                   help="sample: the runs' seeds, comma-separated")  # fmt: skip
     p.add_argument("--nodes", type=int, default=1, help="reduce: Ray nodes on this machine")
     args = p.parse_args()
     for name, default in zip(("rows", "dim", "k", "iterations", "components"),

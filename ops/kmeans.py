@@ -251,13 +251,15 @@ def fit(
         raise TypeError("mini-batch k-means needs a dataset with start_epoch/next_batch_stats")
     prev = state.history[-1].inertia if state.history else None
     first = state.iteration
+    near: CentroidGraph | None = None  # the last approx iteration's graph
     for it in range(state.iteration, params.iterations):
         t0 = time.perf_counter()
         rng = rng_for(params.seed, 1, it)
         if params.algorithm == "lloyd":
-            near = None
             if params.resolved_search == "approx" and it > first:
-                near = neighbour_graph(state.centroids, params.metric, params.seed)
+                near = neighbour_graph(state.centroids, params.metric, params.seed, near)
+            else:
+                near = None
             stats = data.partial_stats(state.centroids, near)
             state.centroids, n_split = lloyd_update(state.centroids, stats, rng, params.spherical)
             inertia, rows, steps = stats.inertia, stats.n, 1
@@ -285,17 +287,34 @@ def fit(
 
 # The cells of the neighbour graph only group centroids: a rough k-means is enough.
 CELL_ITERATIONS = 5
+# Cells that start from the previous iteration's cells (the centroids moved little)
+# need fewer: the build's cost, 2 k c d per cell iteration, is most of an approx step.
+CELL_ITERATIONS_WARM = 1
 
 
-def neighbour_graph(centroids: np.ndarray, metric: str = "l2", seed: int = 0) -> CentroidGraph:
+def neighbour_graph(
+    centroids: np.ndarray,
+    metric: str = "l2",
+    seed: int = 0,
+    previous: CentroidGraph | None = None,
+) -> CentroidGraph:
     """``ops.neighbours``' search structure for ``centroids``: its cells are this module's
-    loop run on the centroids themselves (random seeding, CELL_ITERATIONS, exact)."""
+    loop run on the centroids themselves (exact search): CELL_ITERATIONS from a random
+    seeding, or CELL_ITERATIONS_WARM from ``previous``' cells, the graph of the same
+    centroids one Lloyd step earlier."""
+    cells = cell_count(len(centroids))
+    warm = previous is not None and previous.d == centroids.shape[1]
     params = KMeansParams(
-        cell_count(len(centroids)), iterations=CELL_ITERATIONS, tol=0, seed=seed,
-        init="random", search="flat",
+        cells, iterations=CELL_ITERATIONS_WARM if warm else CELL_ITERATIONS, tol=0,
+        seed=seed, init="random", search="flat",
     )  # fmt: skip
     data = ArrayData(np.ascontiguousarray(centroids, np.float32))
-    state, _ = init_state(data, params)
+    if warm:  # cells left without a centroid were dropped: refill from the centroids
+        missing = max(cells - previous.cells, 0)
+        extra = data.x[rng_for(seed, 3).choice(len(data.x), missing, replace=False)]
+        state = KMeansState(np.concatenate([previous.cell_centres[:cells], extra]))
+    else:
+        state, _ = init_state(data, params)
     return graph_from_cells(data.x, fit(data, params, state).centroids, metric)
 
 

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from pseudolabel.ops.arrays import DEFAULT_CHUNK_ROWS, as_float32, iter_chunks, squared_norms
+from pseudolabel.ops.arrays import (
+    DEFAULT_CHUNK_ROWS,
+    as_float32,
+    iter_chunks,
+    sorted_unique,
+    squared_norms,
+)
 from pseudolabel.ops.scores import METRICS, scores, sq_distances_from_scores
 
 # Measured at k = 65536, n = 600k, d = 32 (bench.scale): 16 neighbours probed in 4 cells
@@ -174,7 +180,7 @@ def graph_from_cells(
     quantizer.add(as_float32(cell_centres))
     cell_of = quantizer.search(c, 1)[1][:, 0]
     # Cells that hold no centroid are dropped: every row must start where candidates are.
-    used = np.unique(cell_of)
+    used = sorted_unique(cell_of)
     centres = np.ascontiguousarray(cell_centres[used], np.float32)
     cell_of = np.searchsorted(used, cell_of)
     wanted = min(neighbours, k)
@@ -184,7 +190,7 @@ def graph_from_cells(
     pairs_cell = np.concatenate([cell_of, np.repeat(cell_of, near.shape[1])])
     pairs_id = np.concatenate([np.arange(k), near.ravel()])
     keep = pairs_id >= 0
-    pairs = np.unique(pairs_cell[keep] * k + pairs_id[keep])  # sorted by cell, then id
+    pairs = sorted_unique(pairs_cell[keep] * k + pairs_id[keep])  # by cell, then id
     cand_cell, candidates = np.divmod(pairs, k)
     offsets = np.searchsorted(cand_cell, np.arange(len(used) + 1))
     return CentroidGraph(c, metric, cell_of, centres, offsets, candidates)

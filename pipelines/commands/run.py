@@ -340,7 +340,8 @@ def _manifest(
         },
         "fit": {
             "algorithm": config.algorithm,
-            "search": resolve_search(config.search, config.k, config.algorithm),
+            # the search the fit ran (GPU workers search exactly)
+            "search": fitted.search or resolve_search(config.search, config.k, config.algorithm),
             # --fit-sample: the rows the workers held and fitted on (null: all rows)
             "sample_rows": fitted.sample_rows,
             # how the workers' statistics were summed (--reduce): gather or scatter

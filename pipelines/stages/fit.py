@@ -36,6 +36,7 @@ class FitResult:
     seconds: dict[str, float] = field(default_factory=dict)
     sample_rows: int | None = None  # rows the fit held, when --fit-sample sampled them
     reduce: str | None = None  # how Lloyd's statistics were summed: gather or scatter
+    search: str | None = None  # the search the fit ran: flat or approx
     data: ResidentShards | None = None  # the workers, when kept for the balance stage
 
 
@@ -196,6 +197,10 @@ def run_fit(
     nodes = len({i["node"] for i in data.infos})
     warn_fallback("fit", spec.device, data.infos)
     devices = "/".join(sorted({i["device"] for i in data.infos}))  # as the workers found
+    if params.resolved_search == "approx" and all(i["device"] == "cuda" for i in data.infos):
+        # A GPU worker's search stays exact: no neighbour graph for the driver to build.
+        log.info("fit: GPU workers search exactly (--search %s: flat)", config.search)
+        params = dataclasses.replace(params, search="flat")
     reduce = None
     if isinstance(data, ResidentShards):
         log.info(
@@ -234,6 +239,7 @@ def run_fit(
             {"load": load, **seconds},
             data.count() if sample else None,
             reduce,
+            params.resolved_search,
             data if kept else None,
         )
     finally:

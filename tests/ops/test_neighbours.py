@@ -62,9 +62,20 @@ def test_a_row_never_ends_farther_than_its_previous_centroid(problem):
     moved = c + 0.05 * np.random.default_rng(1).standard_normal(c.shape).astype(np.float32)
     _, before = exact(x, c)
     De, Ie = exact(x, moved)
-    D, I = neighbour_graph(moved).search(x, 1, before[:, 0])
-    assert (I[:, 0] == Ie[:, 0]).mean() > 0.995
-    assert D.sum() <= De.sum() * 1.0005
+    # Built afresh, and as the loop builds it: from the cells of the previous graph.
+    for graph in (neighbour_graph(moved), neighbour_graph(moved, previous=g)):
+        D, I = graph.search(x, 1, before[:, 0])
+        assert (I[:, 0] == Ie[:, 0]).mean() > 0.995
+        assert D.sum() <= De.sum() * 1.0005
+
+
+def test_a_warm_graph_keeps_its_cell_count_when_cells_were_dropped(problem):
+    _, c = problem
+    g = neighbour_graph(c)
+    fewer = graph_from_cells(c, g.cell_centres[: g.cells // 2])  # as if half were empty
+    warm = neighbour_graph(c, previous=fewer)
+    assert fewer.cells < warm.cells <= cell_count(len(c))
+    assert warm.cells >= 0.9 * cell_count(len(c))  # refilled from the centroids
 
 
 def test_new_rows_top_m_close_to_exact(problem):
