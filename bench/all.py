@@ -23,6 +23,8 @@ BENCHMARKS = [
     "bench.scale search",
     "bench.scale sample",
     "bench.scale driver",
+    "bench.scale reduce",
+    "bench.scale reduce --nodes 4",
 ]  # bench.gpu needs a CUDA device: run it by hand where there is one
 
 
