@@ -12,6 +12,7 @@ import sys
 
 BENCHMARKS = [
     "bench.lloyd",
+    "bench.lloyd_step",
     "bench.minibatch",
     "bench.label",
     "bench.balanced",

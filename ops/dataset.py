@@ -14,6 +14,7 @@ import numpy as np
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.bounds import DriftBounds, bounded_partial_stats
 from pseudolabel.ops.sampling import cluster_samples, row_keys, smallest
 from pseudolabel.ops.scores import sq_distances_from_search
 from pseudolabel.ops.stats import PartialStats, partial_stats
@@ -73,6 +74,24 @@ class ResamplableData(ShardedData, Protocol):
     ) -> ShardedData: ...
 
 
+def labelled_stats(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    metric: str,
+    labels: np.ndarray,
+    bounds: DriftBounds,
+    near=None,
+) -> PartialStats:
+    """One step over rows that keep their labels between steps: near the last labels
+    with ``near`` (an ``ops.neighbours.CentroidGraph``), else exact, skipping the rows
+    that Hamerly's bounds settle once labels barely move (``ops.bounds``). The
+    approximate search moves labels the bounds do not follow: it voids them."""
+    if near is not None:
+        bounds.centroids, bounds.engaged = None, False
+        return partial_stats(x, near, labels=labels)
+    return bounded_partial_stats(x, CentroidIndex(centroids, metric), bounds)
+
+
 def cluster_keys(
     x: np.ndarray,
     rows: np.ndarray,
@@ -116,6 +135,7 @@ class ArrayData:
         self._order: np.ndarray | None = None
         self._cursor = 0
         self.labels = np.full(len(x), -1, np.int32)  # of the last partial_stats, -1: none
+        self.bounds = DriftBounds(self.labels)  # exact steps skip settled rows
 
     def count(self) -> int:
         return self.x.shape[0]
@@ -128,8 +148,7 @@ class ArrayData:
         return np.asarray(self.x[picked], dtype=np.float32)
 
     def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
-        index = near if near is not None else CentroidIndex(centroids, self.metric)
-        return partial_stats(self.x, index, labels=self.labels)
+        return labelled_stats(self.x, centroids, self.metric, self.labels, self.bounds, near)
 
     def cluster_subset(
         self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int

@@ -31,6 +31,10 @@ SEARCHES = ("flat", "approx", "auto")
 # below it an exact search is cheap enough, and the graph's build does not pay.
 APPROX_FROM_K = 16384
 
+# Inertia moves this little (relative) between steps with the same labels: float32
+# distances found by different routes (a search, or ops.bounds' direct one) round apart.
+ROUNDING_REL = 1e-6
+
 # Relative size of the split perturbation, as in faiss's Clustering.cpp (1/1024).
 SPLIT_EPS = 1.0 / 1024
 
@@ -271,6 +275,8 @@ def fit(
             inertia, rows, steps, n_split = _whole_minibatch_epoch(data, state, params, it, on_step)
             changed = None
         rel = None if not prev else (prev - inertia) / prev
+        if rel is not None and abs(rel) < ROUNDING_REL:
+            rel = 0.0  # rounding, not a change: a tol of 0 runs every iteration
         record = IterationRecord(
             it + 1, inertia, rel, time.perf_counter() - t0, n_split, rows, steps, changed
         )

@@ -6,8 +6,9 @@ selections (``resample``) and the row side of the balanced labels (``balance``).
 pulls a Ray Data split for mini-batch k-means. A worker's state derives from its
 constructor arguments alone, so an actor that Ray restarts after a lost node is a correct
 one (DESIGN invariant 8); its methods are pure functions of their arguments, save one
-cache: each row's label of the last full step, where ``--search approx`` starts. A
-rebuilt worker has none and finds its rows' starts afresh (``ops.neighbours``).
+cache: each row's label of the last full step, where ``--search approx`` starts, and
+its Hamerly bounds (``ops.bounds``), which let an exact step skip settled rows. A
+rebuilt worker has neither and searches its rows afresh: the same labels, found slower.
 """
 
 from pseudolabel.pipelines.runtime.workers.balance import BalanceRole

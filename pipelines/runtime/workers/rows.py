@@ -19,6 +19,8 @@ import ray
 
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.bounds import DriftBounds
+from pseudolabel.ops.dataset import labelled_stats
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.kmeans import reduce_slice
 from pseudolabel.ops.sampling import row_keys, smallest
@@ -83,6 +85,7 @@ class ResidentRows:
         # Each row's label of the last full step, -1 before the first: where the approx
         # search (ops.neighbours) starts. A rebuilt worker starts without them.
         self.labels = np.full(filled, -1, np.int32)
+        self.bounds = DriftBounds(self.labels)  # exact steps skip settled rows
         if self.spec.metric == "ip":  # zero rows were refused or skipped by the reader
             self.x = normalize_rows(self.x).astype(self.settings.dtype, copy=False)
         if self.spec.device == "cuda":  # rows stay on the GPU for every iteration
@@ -143,9 +146,7 @@ class ResidentRows:
             return partial_stats(self.x[mine], index)
         if self.device_rows is not None:
             return self.device_rows.partial_stats(centroids, self.spec.metric)
-        if near is None:
-            near = CentroidIndex(centroids, self.spec.metric, self.spec.device)
-        return partial_stats(self.x, near, labels=self.labels)
+        return labelled_stats(self.x, centroids, self.spec.metric, self.labels, self.bounds, near)
 
     def split_stats(
         self, centroids: np.ndarray, bounds: list[tuple[int, int]], near=None
