@@ -31,8 +31,10 @@ ROUNDING_MARGIN = 4e-6
 # centroid, each searched one a copy and a second neighbour. They are set (one full
 # search for two neighbours) once a step changed fewer than ENGAGE_BELOW of the rows'
 # labels, and dropped again when a step had to search more than DROP_ABOVE of them.
-# Measured on 1M x 128, k = 1024 (2 cores): the share searched falls from 83% to 11%
-# over 10 iterations; a step searching 75% took 1.4x a plain one, at 11% 0.35x.
+# Measured on 1M x 128, k = 1024 (2 cores, 2026-11-24), the bounds on from the second
+# step: the share searched fell from 83% to 11% over 10 iterations; a step searching
+# 75% took about 1.35x a plain one, one searching 11% about 0.35x. Engaged late
+# (python -m bench.lloyd_step), settled steps search 4-9% of the rows.
 ENGAGE_BELOW = 0.002
 DROP_ABOVE = 0.5
 
@@ -119,9 +121,10 @@ def bounded_partial_stats(x: np.ndarray, index, bounds: DriftBounds) -> PartialS
             sq = sq_distances_from_search(D, index.metric)
             rows = search + sl.start
             labels[rows] = I[:, 0]
-            # Every row's own distance is computed the same way, directly: a converged
-            # fit then repeats its inertia to the bit, whichever rows were searched.
-            own[rows] = sq[:, 0]  # as the plain step reports them
+            # A searched row reports faiss's distance, as the plain step does; a kept one
+            # its direct distance. The two round apart by about 1e-7 (relative), which
+            # the loop reads as no change (ops.kmeans.ROUNDING_REL).
+            own[rows] = sq[:, 0]
             bounds.lower[rows] = np.sqrt(sq[:, 1]) if k > 1 else np.inf
     bounds.centroids = c.astype(np.float64)
     # Kept while they settle enough rows (a first, full search has just set them).
