@@ -31,11 +31,10 @@ ROUNDING_MARGIN = 4e-6
 # centroid, each searched one a copy and a second neighbour. They are set (one full
 # search for two neighbours) once a step changed fewer than ENGAGE_BELOW of the rows'
 # labels, and dropped again when a step had to search more than DROP_ABOVE of them.
-# Measured on 1M x 128, k = 1024 (2 cores, 2026-11-24), the bounds on from the second
-# step: the share searched fell from 83% to 11% over 10 iterations; a step searching
-# 75% took about 1.35x a plain one, one searching 11% about 0.35x. Engaged late
-# (python -m bench.lloyd_step), settled steps search 4-9% of the rows.
-ENGAGE_BELOW = 0.002
+# Measured on 1M x 128, k = 1024 (2 cores, 2026-11-24): with the bounds on from the
+# second step a step searching 75% of the rows took about 1.35x a plain one; engaged
+# below 1% (python -m bench.lloyd_step) the steps searched 26-34%, then 4.6-11%.
+ENGAGE_BELOW = 0.01
 DROP_ABOVE = 0.5
 
 
