@@ -70,6 +70,8 @@ def test_bad_yaml(tmp_path):
         ),
         ({"fit_sample": "-5"}, "--fit-sample must be a row count or auto"),
         ({"algorithm": "minibatch", "fit_sample": "auto"}, "--fit-sample needs --algorithm"),
+        ({"reduce": "allreduce"}, "reduce must be one of"),
+        ({"algorithm": "minibatch", "reduce": "scatter"}, "--reduce needs --algorithm lloyd"),
     ],
 )
 def test_validation_messages(overrides, message):
