@@ -98,12 +98,15 @@ def start_actor(actor_class: type, spec: WorkerSpec, *args: Any) -> Any:
 
 def not_started(who: str, timeout: float, cpus: float, gpus: float, flag: str) -> ResourceError:
     """The error for actors (``who``) that did not start within ``timeout`` seconds: what
-    each asked for, what the cluster has free, and the flag that asks for fewer."""
+    each asked for, what the cluster has free, and the flags that help: fewer actors
+    when resources are short, a longer wait when processes start slowly (a busy host, a
+    large image). Free resources exclude those already held by the actors waited for."""
     have = ray.available_resources()
     return ResourceError(
         f"{who} did not start within {timeout:g} s; each needs {cpus:g} CPU and {gpus:g} "
         f"GPU, the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU "
-        f"free (lower {flag}, or let the autoscaler add nodes)"
+        f"free (lower {flag} or let the autoscaler add nodes; raise --startup-timeout if "
+        "their processes start slowly)"
     )
 
 

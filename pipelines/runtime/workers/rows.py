@@ -46,9 +46,13 @@ class ResidentRows:
 
     def __init__(self, source, settings: ReadSettings, spec: WorkerSpec, ledger=None):
         limit_threads(spec.threads)
-        # torch (the float64 scatter-add) loads in ~1 s: start it now, in the background,
-        # so the actor is ready while the driver seeds; its first use waits if needed.
-        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        # torch (the float64 scatter-add) loads in ~1 s, several on a busy host: load it
+        # while the rows load. info() waits for it, so that a worker reported ready
+        # answers its first step as fast as its next ones (--task-timeout bounds a step).
+        self._imports = threading.Thread(
+            target=importlib.import_module, args=("torch",), daemon=True
+        )
+        self._imports.start()
         # The device is picked here, where the GPU is (or is not): see usable_device.
         self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
         self.settings = settings
@@ -100,6 +104,7 @@ class ResidentRows:
             )
 
     def info(self) -> dict:
+        self._imports.join()
         if self.error is not None:
             raise self.error
         return {
