@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench.lloyd_step",
     "bench.minibatch",
     "bench.label",
+    "bench.job",
     "bench.balanced",
     "bench.storage",
     "bench.row_groups",

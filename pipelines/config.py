@@ -31,6 +31,9 @@ from pseudolabel.pipelines.io.plan import BAD_ROW_POLICIES, Plan, ReadSettings
 # when they span several nodes.
 REDUCES = ("auto", "gather", "scatter")
 SCATTER_FROM_BYTES = 1 << 30
+# Where a run labels its rows (``RunConfig.label_source``): on the fit's workers, which
+# hold every row after a Lloyd fit, or in a streaming Ray Data pass that reads them again.
+LABEL_SOURCES = ("auto", "workers", "stream")
 
 # --fit-sample auto: rows per centroid, faiss's default subsampling (max_points_per_centroid).
 SAMPLE_PER_CENTROID = 256
@@ -157,9 +160,11 @@ class RunConfig:
         0.0, "GPUs per worker and per labeler (0: CPU faiss)", metavar="G"
     )
     label_workers: int | None = _opt(
-        None, "labeler actors; default: CPUs minus one for reads (GPU: GPUs, or --workers)"
+        None,
+        "labeler actors of a streaming label pass (--label-from stream); default: CPUs "
+        "minus one for reads (GPU: GPUs, or --workers)",
     )
-    label_batch_rows: int = _opt(65536, "rows per label batch")
+    label_batch_rows: int = _opt(65536, "rows per label batch (streaming or on the workers)")
     max_restarts: int = _opt(3, "times a lost worker actor is rebuilt before the run fails")
     startup_timeout: float = _opt(600.0, "seconds to wait for workers to start before failing")
     task_timeout: float = _opt(
@@ -174,6 +179,13 @@ class RunConfig:
         f"several nodes and hold {SCATTER_FROM_BYTES >> 30} GiB of sums (workers x k x "
         "dim x 8 bytes) or more",
         choices=REDUCES,
+    )
+    label_from: str = _opt(
+        "auto",
+        "label on the fit's workers, which hold every row after a Lloyd fit (no second "
+        "read), or in a streaming pass that reads the input again; auto: the workers, "
+        "unless --keep-columns would make them hold those columns too",
+        choices=LABEL_SOURCES,
     )
     # Ray and storage.
     ray_address: str | None = _opt(
@@ -252,6 +264,11 @@ class RunConfig:
             "statistics are gathered)",
         )
         _require(
+            self.label_from != "workers" or (self.algorithm == "lloyd" and self.fit_sample == "0"),
+            "--label-from workers needs --algorithm lloyd without --fit-sample (only then "
+            "do the fit's workers hold every row)",
+        )
+        _require(
             self.search != "approx" or self.algorithm == "lloyd",
             "--search approx needs --algorithm lloyd (it starts each row from its label of "
             "the previous full pass; mini-batch steps search exactly)",
@@ -298,6 +315,25 @@ class RunConfig:
         names = [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
         return tuple(dict.fromkeys(c for c in names if c != self.truth_column))
 
+    def label_source(self, total_rows: int, value_type: str = "float32") -> str:
+        """Where the rows are labelled when the fit's workers are up: "workers" or
+        "stream" (``--label-from``). auto: the workers, if they hold every row (a Lloyd
+        fit that sampled none), no --keep-columns (they would hold those too), and
+        their rows are the input's: spherical rows held in float16 are rounded unit
+        vectors, whose distances differ from the input's by up to ~2e-3 relative."""
+        if self.label_from != "auto":
+            return self.label_from
+        every_row = self.algorithm == "lloyd" and not self.fit_sample_rows(total_rows)
+        rounded = self.spherical and self.held_dtype(value_type) != "float32"
+        resident = every_row and not self.kept_columns() and not rounded
+        return "workers" if resident else "stream"
+
+    def held_dtype(self, value_type: str) -> str:
+        """The dtype workers hold rows in (--dtype; auto: float16 rows stay float16)."""
+        if self.dtype == "auto":
+            return "float16" if value_type == "float16" else "float32"
+        return self.dtype
+
     def read_settings(
         self,
         plan: Plan | None = None,
@@ -311,9 +347,7 @@ class RunConfig:
         fit's workers do not hold them."""
         if plan is not None:
             dim, value_type = plan.dim, plan.value_type
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = "float16" if value_type == "float16" else "float32"
+        dtype = self.held_dtype(value_type)
         return ReadSettings(
             id_column=self.id_column,
             embedding_column=self.embedding_column,

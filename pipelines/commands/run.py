@@ -3,6 +3,7 @@ flow. ``pseudolabel.run`` and the command line both call ``run`` here."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -108,7 +109,10 @@ def _run(
         plan = make_plan(config.input, config.read_settings(label_pass=True))
     if plan.fmt != "parquet" and config.kept_columns():
         raise ConfigError("--keep-columns: .npy input holds no columns but the embedding")
-    settings = config.read_settings(plan)
+    # Where the rows are labelled: on the fit's workers, which then read the label pass's
+    # columns too, or in a streaming pass that reads the input again.
+    source = "stream" if model else config.label_source(plan.total_rows, plan.value_type)
+    settings = config.read_settings(plan, label_pass=source == "workers")
     log.info(
         "plan: %d %s files, %d rows, dim %d, %s%s",
         len(plan.files),
@@ -128,7 +132,7 @@ def _run(
     with ray_session(config) as resources:
         timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
         sizing = size_pools(config, resources)
-        spec = WorkerSpec.of(config, sizing)
+        spec = dataclasses.replace(WorkerSpec.of(config, sizing), label_columns=source == "workers")
         ledger = start_ledger()  # every reader reports its skipped rows here
         checkpoints = Checkpoints(
             output.root.join(CHECKPOINTS), fit_fingerprint(config, plan, fingerprint)
@@ -144,25 +148,35 @@ def _run(
                     spec,
                     sizing.workers,
                     checkpoints,
-                    keep_workers=config.balanced,
+                    keep_workers=config.balanced or source == "workers",
                     ledger=ledger,
                 )
-        # Labelers load it, and check it is still this file.
-        centroids_sha256 = output.write_array(CENTROIDS, fitted.state.centroids)
-        balance = None
-        if model is not None and model.log_duals is not None:
-            output.write_array(DUALS, model.log_duals)  # labelers read it from the output
-            balance = (model, model.balance_section())
-        elif config.balanced:
-            with _timed("balance", timings):
-                balance = _balance(config, plan, settings, spec, sizing, fitted, output, ledger)
-        staging = output.new_staging()
-        roster = start_roster()  # each labeler reports its node and device here
-        with _timed("label", timings):
-            asked = _label(
-                config, plan, config.read_settings(plan, label_pass=True), sizing, output,
-                staging, balance, ledger, roster, centroids_sha256,
-            )  # fmt: skip
+        workers = fitted.data  # kept up for the balance stage and the labels
+        try:
+            # Labelers load it, and check it is still this file.
+            centroids_sha256 = output.write_array(CENTROIDS, fitted.state.centroids)
+            balance = None
+            if model is not None and model.log_duals is not None:
+                output.write_array(DUALS, model.log_duals)  # labelers read it from the output
+                balance = (model, model.balance_section())
+            elif config.balanced:
+                with _timed("balance", timings):
+                    balance, workers = _balance(
+                        config, plan, settings, spec, sizing, fitted, output, ledger, workers
+                    )
+            if source != "workers" and workers is not None:
+                workers.shutdown()  # the labelers need their CPUs
+                workers = None
+            staging = output.new_staging()
+            roster = start_roster()  # each labeler reports its node and device here
+            with _timed("label", timings):
+                labelled_on, asked = _label(
+                    config, plan, config.read_settings(plan, label_pass=True), sizing, output,
+                    staging, balance, ledger, roster, centroids_sha256, workers,
+                )  # fmt: skip
+        finally:
+            if workers is not None:
+                workers.shutdown()
         labelers = _ask(roster.members.remote(), "roster")
         warn_fallback("label", sizing.device, labelers)
         with _timed("publish", timings):
@@ -185,6 +199,8 @@ def _run(
         if model is not None:
             manifest["fit"]["algorithm"] = "given"
         manifest["label"] = {
+            # where the rows were labelled: the fit's workers, or a streaming pass
+            "source": labelled_on,
             "device": sizing.device,
             "asked": asked,
             **describe(labelers),
@@ -228,9 +244,12 @@ def _check_dim(model: GivenModel, dim: int) -> None:
         )
 
 
-def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger):
+def _balance(
+    config, plan, settings, spec, sizing, fitted: FitResult, output: RunOutput, ledger, workers
+):
     """Balanced duals from workers that hold the rows (the fit's, or freshly loaded
-    ones), or the checkpointed solution of the same problem. Returns (result, info)."""
+    ones), or the checkpointed solution of the same problem. Returns ((result, info),
+    the workers), which stay up for the labels: the caller shuts them down."""
     centroids = fitted.state.centroids
     q = target_proportions(config)
     warm = warm_duals(config, config.k)
@@ -249,18 +268,18 @@ def _balance(config, plan, settings, spec, sizing, fitted: FitResult, output: Ru
     ckpt = output.root.join(CHECKPOINTS)
     saved = load_balance(ckpt, key)
     if saved is not None:
-        if fitted.data is not None:
-            fitted.data.shutdown()
         log.info("balance: solution of this run found in %s; not solving again", ckpt.url)
         save_balance(output.root, ckpt, saved, key)
-        return saved, {"resumed": True}
-    data = fitted.data or ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
+        return (saved, {"resumed": True}), workers
+    if workers is None:
+        workers = ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
     try:
-        result, info = run_balance(config, data, centroids, q, warm)
-    finally:
-        data.shutdown()
-    save_balance(output.root, ckpt, result, key)
-    return result, info
+        result, info = run_balance(config, workers, centroids, q, warm)
+        save_balance(output.root, ckpt, result, key)
+    except BaseException:
+        workers.shutdown()
+        raise
+    return (result, info), workers
 
 
 def _label(
@@ -274,9 +293,11 @@ def _label(
     ledger,
     roster,
     centroids_sha256: str,
-) -> int:
-    """Label every row into ``staging`` (``settings``: the label pass's, with
-    --keep-columns); returns the labeler pool size asked for."""
+    workers: ResidentShards | None = None,
+) -> tuple[str, int]:
+    """Label every row into ``staging``: on ``workers`` when given (they hold every row
+    and its columns), else in a streaming pass (``settings``: the label pass's, with
+    --keep-columns). Returns where ("workers" or "stream") and how many actors."""
     spec = LabelSpec.of(
         config,
         sizing,
@@ -284,10 +305,19 @@ def _label(
         epsilon=balance[0].epsilon if balance else None,
         centroids_sha256=centroids_sha256,
     )
+    if workers is not None:
+        log.info(
+            "label: on the fit's %d workers, which hold every row (no second read of the "
+            "input; --label-from stream reads it again)",
+            len(workers.actors),
+        )
+        centroids = output.root.join(CENTROIDS).url
+        workers.write_labels(centroids, config.k, spec, staging, config.label_batch_rows, roster)
+        return "workers", len(workers.actors)
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
     label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
-    return pool.size
+    return "stream", pool.size
 
 
 def _cluster_section(counts: LabelCounts) -> dict[str, Any]:

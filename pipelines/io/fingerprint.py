@@ -34,6 +34,7 @@ OPERATIONAL = frozenset(
         "gpus_per_worker",
         "label_workers",
         "label_batch_rows",
+        "label_from",  # the same rows and labels either way (tests/pipelines/test_run.py)
         "max_restarts",
         "startup_timeout",
         "task_timeout",

@@ -32,6 +32,9 @@ class WorkerSpec:
     # that does not depend on the split. 1.0: every row.
     sample_fraction: float = 1.0
     sample_seed: int = 0
+    # --label-from workers: a resident worker also holds each row's id and pass-through
+    # columns, to write the rows' labels itself (``workers.labels``).
+    label_columns: bool = False
 
     @classmethod
     def of(cls, config: RunConfig, sizing: Sizing) -> WorkerSpec:
@@ -77,11 +80,16 @@ def wait_all(refs: list, timeout: float, what: str) -> None:
     The fit's checkpoints stay; a rerun resumes from the last finished iteration."""
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
     if pending:
-        raise ResourceError(
-            f"{len(pending)} of {len(refs)} workers did not answer {what} within "
-            f"{timeout:g} s (--task-timeout): a node may have stopped responding; the "
-            "checkpoint of the last finished iteration is kept, rerun to resume"
-        )
+        raise unanswered(len(pending), len(refs), what, timeout)
+
+
+def unanswered(late: int, workers: int, what: str, timeout: float) -> ResourceError:
+    """The error for ``late`` of ``workers`` workers that did not answer ``what`` in time."""
+    return ResourceError(
+        f"{late} of {workers} workers did not answer {what} within {timeout:g} s "
+        "(--task-timeout): a node may have stopped responding; the checkpoint of the last "
+        "finished iteration is kept, rerun to resume"
+    )
 
 
 def start_actor(actor_class: type, spec: WorkerSpec, *args: Any) -> Any:

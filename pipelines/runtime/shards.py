@@ -37,12 +37,14 @@ from pseudolabel.pipelines.runtime.actors import (
     start_actor,
     step_timeout,
     stop_actors,
+    unanswered,
     wait_all,
     wait_ready,
 )
 from pseudolabel.pipelines.runtime.bookkeeping import as_argument
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
+from pseudolabel.pipelines.runtime.workers.labels import FILE_ROWS
 
 log = logging.getLogger("pseudolabel")
 
@@ -195,6 +197,35 @@ class ResidentShards:
         selection_ref = ray.put(selection)
         counts = gather([a.select.remote(selection_ref) for a in self.actors], timeout, "a subset")
         return ShardSubset(self, selection_ref, sum(counts))
+
+    def write_labels(
+        self, centroids: str, k: int, spec: Any, staging: Any, batch_rows: int, roster=None
+    ) -> int:
+        """Each worker labels the rows it holds into files of at most FILE_ROWS rows under
+        ``staging`` (``workers.labels``): ``centroids`` (a URL of k centres) with ``spec``
+        (a ``runtime.labelling.LabelSpec``). Returns the rows written; the bar moves file
+        by file. It fails once no file was written for as long as a step may take, or a
+        worker's rebuild (--startup-timeout), whichever is longer."""
+        options, who = self.settings.storage_options, as_argument(roster)
+        refs = []
+        for i, (actor, info) in enumerate(zip(self.actors, self.infos, strict=True)):
+            for lo in range(0, info["rows"], FILE_ROWS):
+                target = staging.join(f"w{i:05d}-{lo // FILE_ROWS:05d}.parquet")
+                hi = min(lo + FILE_ROWS, info["rows"])
+                call = actor.write_labels.remote(
+                    centroids, spec, options, target, (lo, hi, info["rows"]), batch_rows, who
+                )
+                refs.append(call)
+        stall = max(self.timeout(k), self.spec.startup_timeout)
+        pending, written = list(refs), 0
+        with progress.bar(self.count(), "label", "row") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=stall)
+                if not done:
+                    raise unanswered(len(pending), len(refs), "their rows' labels", stall)
+                written += ray.get(done[0])
+                bar.set(written)
+        return written
 
     def shutdown(self) -> None:
         stop_actors(self.actors, self.spec)

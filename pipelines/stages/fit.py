@@ -37,7 +37,7 @@ class FitResult:
     sample_rows: int | None = None  # rows the fit held, when --fit-sample sampled them
     reduce: str | None = None  # how Lloyd's statistics were summed: gather or scatter
     search: str | None = None  # the search the fit ran: flat or approx
-    data: ResidentShards | None = None  # the workers, when kept for the balance stage
+    data: ResidentShards | None = None  # the workers, when kept for balance and labels
 
 
 def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
@@ -166,7 +166,8 @@ def run_fit(
     ledger=None,
 ) -> FitResult:
     """Fit from the last checkpoint. With ``keep_workers`` (and Lloyd, whose workers hold
-    the rows) the workers stay up for the balance stage; the caller shuts them down."""
+    the rows) the workers stay up for the balance stage and the labels; the caller shuts
+    them down."""
     params = config.kmeans_params()
     state = checkpoints.latest()
     resumed_from = state.iteration if state else None

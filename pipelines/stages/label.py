@@ -2,81 +2,36 @@
 
 read -> map_batches(Labeler actor pool) -> write_parquet(staging) for a run, or any Ray
 Dataset -> map_batches(Labeler) for ``pseudolabel.label``. Each Labeler loads the
-centroids (and the Sinkhorn duals) once; every row gets ``label`` and ``distance``
-(squared L2 to that label's centroid; for spherical runs the squared distance between
-unit vectors, 2 - 2 cos, and ``cosine`` beside it), with ``topk`` the M best labels and
-their distances. With balancing, ``label`` is argmax_j S_ij / eps + log v_j, the balanced label,
-``nearest_label`` the nearest centroid, and ``topk_probs`` the plan's row normalised over
-the M. Every other column passes through; the embedding column is dropped.
+centroids (and the Sinkhorn duals) once and labels batches as ``runtime.labelling``
+defines (its docstring lists the columns). A Lloyd run whose workers hold every row
+labels there instead (``--label-from``, ``runtime.shards.ResidentShards.write_labels``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.annotations import RayDeprecationWarning
 
-from pseudolabel.ops.arrays import normalize_rows
-from pseudolabel.ops.balanced import BalancedAssigner
-from pseudolabel.ops.gpu import usable_device
-from pseudolabel.ops.kmeans import resolve_search
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ResourceError
 from pseudolabel.pipelines.io.datasource import embedding_dataset
-from pseudolabel.pipelines.io.layout import load_npy
-from pseudolabel.pipelines.io.plan import Plan, ReadSettings, arrow_storage
-from pseudolabel.pipelines.io.storage import Location, first_line, resolve
+from pseudolabel.pipelines.io.plan import Plan, ReadSettings
+from pseudolabel.pipelines.io.storage import Location, first_line
 from pseudolabel.pipelines.runtime.actors import not_started, step_timeout
 from pseudolabel.pipelines.runtime.bookkeeping import as_argument
+from pseudolabel.pipelines.runtime.labelling import ArraySource, LabelSpec, RowLabeler
 from pseudolabel.pipelines.runtime.roster import join_roster
 from pseudolabel.pipelines.runtime.session import Sizing, limit_threads
 
-# What a Labeler can be given for centroids and duals: a URL of a .npy, or the array.
-ArraySource = str | np.ndarray
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    metric: str
-    topk: int = 0  # M > 0: also the M best labels, distances (and probabilities)
-    embedding_column: str = "embedding"
-    device: str = "cpu"
-    threads: int | None = None  # faiss threads per labeler; None: Ray's OMP_NUM_THREADS
-    duals: ArraySource | None = None  # log v (k,): balanced labels
-    epsilon: float | None = None  # the plan's eps, in score units
-    centroids_sha256: str | None = None  # a centroids URL must hold this file
-    search: str = "flat"  # nearest labels: flat, or approx (ops.neighbours)
-    seed: int = 0  # of the approx search's cells
-
-    @classmethod
-    def of(
-        cls,
-        config: RunConfig,
-        sizing: Sizing,
-        duals_url: str | None,
-        epsilon: float | None,
-        centroids_sha256: str | None = None,
-    ) -> LabelSpec:
-        return cls(
-            metric=config.metric,
-            topk=config.topk,
-            device=sizing.device,
-            threads=sizing.label_threads,
-            duals=duals_url,
-            epsilon=epsilon,
-            centroids_sha256=centroids_sha256,
-            search=resolve_search(config.search, config.k),
-            seed=config.seed,
-        )
+__all__ = ["LabelPool", "LabelSpec", "Labeler", "label_dataset", "label_pass"]
 
 
 @dataclass(frozen=True)
@@ -111,73 +66,17 @@ class LabelPool:
         return max(step, self.startup_timeout)
 
 
-def _load(source: ArraySource, storage_options: dict, sha256: str | None = None) -> np.ndarray:
-    if isinstance(source, str):
-        return load_npy(resolve(source, storage_options), sha256)
-    return np.asarray(source)
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(n, d) from an embedding column: a tensor column, fixed-size or equal-length lists."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    arr = arrow_storage(arr)
-    n = len(arr)
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(n, -1) if n else values.reshape(0, 0)
-
-
 class Labeler:
-    """A map_batches actor that loads the centroids (and duals) once.
-
-    Given URLs (as a run does), an actor that Ray restarts rebuilds from storage alone,
-    even after the driver's objects are gone.
-    """
+    """A map_batches actor: a ``runtime.labelling.RowLabeler`` with the labeler pool's
+    threads, that reports itself to the run's roster."""
 
     def __init__(self, centroids: ArraySource, spec: LabelSpec, storage_options: dict, roster=None):
         limit_threads(spec.threads)
-        spec = dataclasses.replace(spec, device=usable_device(spec.device))
-        beta = None
-        if spec.duals is not None:  # beta = eps log v, in score units
-            beta = _load(spec.duals, storage_options) * spec.epsilon
-        self.spec = spec
-        self.assigner = BalancedAssigner(
-            _load(centroids, storage_options, spec.centroids_sha256),
-            spec.metric,
-            beta,
-            spec.epsilon,
-            spec.device,
-            spec.search,
-            spec.seed,
-        )
-        join_roster(roster, self.assigner.device)  # where the labels are computed
+        self.rows = RowLabeler(centroids, spec, storage_options)
+        join_roster(roster, self.rows.spec.device)  # where the labels are computed
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        spec = self.spec
-        x = embedding_matrix(table.column(spec.embedding_column))
-        if spec.metric == "ip":
-            x = normalize_rows(x)
-        out = self.assigner.assign(x, spec.topk)
-        table = table.drop_columns([spec.embedding_column])
-        columns = {
-            "label": pa.array(out.label.astype(np.int32)),
-            "distance": pa.array(out.distance.astype(np.float32)),
-        }
-        if spec.metric == "ip":  # unit vectors: |x - c|^2 = 2 - 2 cos(x, c)
-            columns["cosine"] = pa.array((1 - out.distance / 2).astype(np.float32))
-        if spec.duals is not None:
-            columns["nearest_label"] = pa.array(out.nearest.astype(np.int32))
-        if spec.topk:
-            columns["topk_labels"] = _fixed_lists(out.topk_labels.astype(np.int32))
-            columns["topk_distances"] = _fixed_lists(out.topk_distances.astype(np.float32))
-            if out.topk_probs is not None:
-                columns["topk_probs"] = _fixed_lists(out.topk_probs)
-        for name, values in columns.items():
-            table = table.append_column(name, values)
-        return table
-
-
-def _fixed_lists(a: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])
+        return self.rows.label_table(table)
 
 
 def label_dataset(

@@ -31,11 +31,12 @@ BIN = Path(sys.executable).parent / "pseudolabel"
 RUN_TIMEOUT = 240  # seconds for one run; a run that hangs is a finding, not a wait
 
 
-def args_for(root: str, out: Path) -> list[str]:
+def args_for(root: str, out: Path, label_from: str = "auto") -> list[str]:
     return [
         str(BIN), "run", "--input", root, "--output", str(out), "--k", "8",
         "--iterations", "15", "--tol", "0", "--workers", "2", "--cpus-per-worker", "0.5",
         "--label-workers", "1", "--label-batch-rows", "500", "--max-restarts", "3",
+        "--label-from", label_from,
     ]  # fmt: skip
 
 
@@ -143,12 +144,15 @@ def main() -> None:
         for name, disturb in disturbances.items():
             out = work / name
             delay = rng.uniform(0, span)
-            proc = start(args_for(root, out), cluster.address)
+            # Runs label on the fit's workers; the labeler case labels in a streaming pass,
+            # whose Labeler actors it kills (and whose labels must equal the workers').
+            label_from = "stream" if name == "label_worker" else "auto"
+            proc = start(args_for(root, out, label_from), cluster.address)
             case = {"delay": round(delay, 2), **disturb(delay, proc, out)}
             code, log = finish(proc)
             case["first_exit"] = code
             if code != 0:  # the disturbed run may fail; a rerun must then finish it
-                code, log = finish(start(args_for(root, out), cluster.address))
+                code, log = finish(start(args_for(root, out, label_from), cluster.address))
                 case["rerun_exit"] = code
             case["log_tail"] = log[-1500:] if code != 0 else ""
             if code == 0:

@@ -75,7 +75,7 @@ def test_gpu_workers_come_from_zero_run_and_go(cluster, tmp_path):
         [sys.executable, "-m", "pseudolabel", "run", "--input", str(tmp_path / "in"),
          "--output", str(out), "--k", "4", "--iterations", "3", "--ray-address",
          cluster.address, "--workers", str(GPU_NODES), "--gpus-per-worker", "1",
-         "--startup-timeout", "120"],
+         "--startup-timeout", "120", "--label-from", "stream"],
         timeout=240, env=cluster.env,
     )  # fmt: skip
     seconds = time.monotonic() - t0
@@ -89,7 +89,8 @@ def test_gpu_workers_come_from_zero_run_and_go(cluster, tmp_path):
     assert fit["device"] == "cuda"  # asked for
     assert fit["devices"] == ["cpu"] * GPU_NODES  # found, per worker
     assert fit["workers"] == GPU_NODES and fit["nodes"] == GPU_NODES  # one per GPU node
-    label = manifest["label"]
+    label = manifest["label"]  # a streaming pass: its own GPU pool, also from the autoscaler
+    assert label["source"] == "stream"
     assert label["asked"] == GPU_NODES  # --workers sizes the GPU label pool too
     assert label["actors"] == GPU_NODES  # and the pool was that large (ray#59144)
     assert label["devices"] == ["cpu"] * GPU_NODES

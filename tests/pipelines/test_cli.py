@@ -64,8 +64,10 @@ def test_run_prints_progress_and_summary(tmp_path):
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
     assert manifest["fit"]["reduce"] == "scatter"  # summed on the workers, said once
     assert result.stdout.count("reduce-scattered over the 2 workers") == 1
-    label = manifest["label"]  # every labeler reported itself, as many as asked for
-    assert label["actors"] == label["asked"] == 1 and label["devices"] == ["cpu"]
+    label = manifest["label"]  # every labeler reported itself, as many as asked for: the
+    # fit's 2 workers, which hold every row (--label-workers sizes a streaming pass)
+    assert label["source"] == "workers" and label["actors"] == label["asked"] == 2
+    assert label["devices"] == ["cpu", "cpu"]
     assert manifest["fit"]["init"].startswith("random")
     balance = manifest["balance"]
     assert balance["epsilon_relative"] == 0.01 and balance["sinkhorn"]["tol"] == 0.002
@@ -155,13 +157,13 @@ def test_demo(tmp_path):
     assert "wrote 20000 rows x 48 dims in 5 parquet shards" in shown
     assert "fit: 2 cpu workers" in shown
     # tqdm redraws a bar in place with carriage returns; the load bar counts the rows the
-    # workers hold, the fit's its iterations, the balance bar its steps, Ray Data's the
-    # rows it labelled.
+    # workers hold, the fit's its iterations, the balance bar its steps, the label bar the
+    # rows the workers labelled.
     frames = shown.replace("\r\n", "\n").replace("\r", "\n").splitlines()
     assert any(f.startswith("load:") and "/20000 [" in f and "row/s" in f for f in frames), shown
     assert any(f.startswith("fit:") and "/20 [" in f and "inertia=" in f for f in frames), shown
     assert any(f.startswith("balance:") and "step/s" in f for f in frames), shown
-    assert any("MapBatches(Labeler)" in f and "row/s" in f for f in frames), shown
+    assert any(f.startswith("label:") and "/20000 [" in f and "row/s" in f for f in frames), shown
     lines = frames
     nearest = next(line for line in lines if "NMI" in line and "(nearest_label)" in line)
     assert float(nearest.split("NMI")[1].split()[0]) > 0.9
@@ -261,7 +263,7 @@ FLAG_SAMPLES = {
     "balance_tol": 0.02, "truth_column": "truth", "centroids": "model.npy",
     "storage_options": {"anon": True}, "id_column": "key", "embedding_column": "vec",
     "keep_columns": "colour,size", "resampling_steps": 2, "duals": "duals.npy",
-    "fit_sample": "500",
+    "fit_sample": "500", "label_from": "stream",
 }  # fmt: skip
 # Settings that refuse each other's non-default values: the later ones of a pair are
 # given in a second command line, with the earlier at its default.

@@ -72,6 +72,9 @@ def test_bad_yaml(tmp_path):
         ({"algorithm": "minibatch", "fit_sample": "auto"}, "--fit-sample needs --algorithm"),
         ({"reduce": "allreduce"}, "reduce must be one of"),
         ({"algorithm": "minibatch", "reduce": "scatter"}, "--reduce needs --algorithm lloyd"),
+        ({"label_from": "disk"}, "label_from must be one of"),
+        ({"algorithm": "minibatch", "label_from": "workers"}, "--label-from workers needs"),
+        ({"fit_sample": "auto", "label_from": "workers"}, "--label-from workers needs"),
     ],
 )
 def test_validation_messages(overrides, message):
@@ -92,6 +95,27 @@ def test_fit_sample_rows():
     assert cfg.build(input="a", output="b", k=24, fit_sample="auto").fit_sample_rows(6000) == 0
     assert cfg.build(input="a", output="b", k=2, fit_sample=500).fit_sample_rows(6000) == 500
     assert cfg.build(input="a", output="b", k=2).fit_sample_rows(6000) == 0
+
+
+def test_label_source():
+    """auto labels on the fit's workers when they hold every row (Lloyd, no sample taken)
+    and no --keep-columns would have to be held too; else a streaming pass reads again."""
+    run = dict(input="a", output="b", k=12)
+    assert cfg.build(**run).label_source(6000) == "workers"
+    assert cfg.build(**run, algorithm="minibatch").label_source(6000) == "stream"
+    assert cfg.build(**run, fit_sample="auto").label_source(6000) == "stream"  # 3072 rows
+    assert cfg.build(**run, fit_sample="auto").label_source(3000) == "workers"  # all rows
+    assert cfg.build(**run, keep_columns="colour").label_source(6000) == "stream"
+    kept = cfg.build(**run, keep_columns="colour", label_from="workers")
+    assert kept.label_source(6000) == "workers"
+    assert cfg.build(**run, label_from="stream").label_source(6000) == "stream"
+    # Spherical rows held in float16 are rounded unit vectors: the stream's are exact.
+    assert cfg.build(**run, spherical=True).label_source(6000, "float16") == "stream"
+    assert (
+        cfg.build(**run, spherical=True, dtype="float32").label_source(6000, "float16") == "workers"
+    )
+    assert cfg.build(**run, spherical=True, dtype="float16").label_source(6000) == "stream"
+    assert cfg.build(**run, dtype="float16").label_source(6000) == "workers"  # l2: as read
 
 
 def test_empty_id_column_means_row_numbers():

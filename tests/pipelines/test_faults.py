@@ -65,6 +65,42 @@ def test_worker_killed_mid_fit_is_rebuilt(own_ray, small_dataset, reduce):
     assert [r.rows for r in disturbed.history] == [6000] * 8
 
 
+def test_worker_killed_before_its_labels_is_rebuilt_and_writes_them(
+    own_ray, small_dataset, tmp_path
+):
+    """--label-from workers: a worker lost after the fit (its node gone) is rebuilt from
+    its sources by Ray, ids and columns included, and the retried call writes its file:
+    every row once, with the labels of its nearest centroid."""
+    from pseudolabel.pipelines.io.storage import resolve
+    from pseudolabel.pipelines.runtime.labelling import LabelSpec
+    from tests.pipelines.conftest import nearest
+
+    root, x, truth = small_dataset
+    plan = make_plan(str(root), ReadSettings())
+    settings = ReadSettings(dim=plan.dim, extra_columns=("truth",))
+    spec = WorkerSpec("l2", num_cpus=0.5, max_restarts=2, label_columns=True)
+    data = ResidentShards.from_plan(plan, settings, spec, 2)
+    centroids = x[:: len(x) // 7][:7]
+    np.save(tmp_path / "centroids.npy", centroids)
+    staging = resolve(str(tmp_path / "staging"))
+    victim = data.infos[1]["pid"]
+    try:
+        os.kill(victim, signal.SIGKILL)
+        written = data.write_labels(
+            str(tmp_path / "centroids.npy"), 7, LabelSpec("l2"), staging, batch_rows=1000
+        )
+        pids = [i["pid"] for i in ray.get([a.info.remote() for a in data.actors])]
+    finally:
+        data.shutdown()
+    assert written == 6000 and victim not in pids
+    table = pq.read_table(tmp_path / "staging").sort_by("id")
+    assert table.column_names == ["id", "truth", "label", "distance"]
+    ids = table.column("id").to_numpy()
+    np.testing.assert_array_equal(ids, np.arange(6000))
+    np.testing.assert_array_equal(table.column("truth").to_numpy(), truth)
+    np.testing.assert_array_equal(table.column("label").to_numpy(), nearest(x, centroids))
+
+
 @pytest.mark.quiet
 def test_a_worker_that_stops_answering_ends_the_fit_within_the_bound(own_ray, small_dataset):
     """A worker whose process hangs (SIGSTOP: a frozen host, a partition Ray has not
@@ -278,7 +314,7 @@ def test_a_labeler_that_keeps_dying_stops_the_run(own_ray, small_dataset, tmp_pa
         # stall bound ends it: either way one clear error, in bounded time.
         cli("run", "--input", root, "--output", out, "--k", "6", "--iterations", "2",
             "--max-restarts", "1", "--startup-timeout", "20", "--task-timeout", "5",
-            "--label-batch-rows", "20", code=2)  # fmt: skip
+            "--label-batch-rows", "20", "--label-from", "stream", code=2)  # fmt: skip
     finally:
         stop.set()
         thread.join(timeout=30)

@@ -92,7 +92,7 @@ def test_labeler_placed_for_a_gpu_it_cannot_see_labels_on_the_cpu(balanced):
     duals = np.zeros(5) if balanced else None
     spec = LabelSpec("l2", device="cuda", duals=duals, epsilon=1.0 if balanced else None)
     labeler = Labeler(c, spec, {})
-    assert labeler.assigner.device == "cpu"
+    assert labeler.rows.assigner.device == "cpu"
     flat = pa.array(x.ravel())
     out = labeler(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(flat, 4)}))
     nearest = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
@@ -110,7 +110,7 @@ def test_labeler_refuses_centroids_replaced_under_the_run(tmp_path):
     sha = out.write_array("centroids.npy", rng.standard_normal((4, 3)).astype(np.float32))
     url = str(tmp_path / "centroids.npy")
     labeler = Labeler(url, LabelSpec("l2", centroids_sha256=sha), {})
-    assert labeler.assigner.centroids.shape == (4, 3)
+    assert labeler.rows.assigner.centroids.shape == (4, 3)
     out.write_array("centroids.npy", rng.standard_normal((4, 3)).astype(np.float32))
     with pytest.raises(InputError, match="not the file this run wrote"):
         Labeler(url, LabelSpec("l2", centroids_sha256=sha), {})

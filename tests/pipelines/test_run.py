@@ -254,3 +254,43 @@ def test_fit_sample_from_the_command_line(ray_local, small_dataset, tmp_path, ca
     assert one["fit"]["sample_rows"] == rows  # the sample does not depend on the split
     cli("run", *flags[:-4], "--fit-sample", "half", "--output", tmp_path / "bad", code=2)
     assert "--fit-sample must be a row count or auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--topk", "3", "--truth-column", "truth"),
+        ("--spherical", "--balanced", "--topk", "2"),
+    ],
+    ids=["plain", "spherical-balanced"],
+)
+def test_labels_on_the_workers_are_the_streaming_pass_labels(
+    ray_local, small_dataset, tmp_path, flags
+):
+    """--label-from workers (the default after a Lloyd fit: no second read) writes the
+    rows, columns and labels of the streaming pass that reads the input again; the
+    distances agree up to float rounding (BLAS blocks the batches differently)."""
+    root, _, _ = small_dataset
+    tables, manifests = {}, {}
+    for source in ("workers", "stream"):
+        out = tmp_path / source
+        manifests[source] = cli("run", "--input", root, "--output", out, "--iterations", "4",
+                                "--label-from", source, *flags)  # fmt: skip
+        assert manifests[source]["label"]["source"] == source
+        tables[source] = labels_table(out).sort_by("id")
+    workers, stream = tables["workers"], tables["stream"]
+    assert workers.schema == stream.schema and workers.num_rows == 6000
+    for name in workers.column_names:
+        if name in ("distance", "cosine", "topk_distances", "topk_probs"):
+            got, want = (
+                np.stack(t.column(name).to_numpy(zero_copy_only=False)) for t in tables.values()
+            )
+            # probabilities: exp(-d / eps) magnifies the distances' rounding by 1 / eps
+            atol = 1e-3 if name == "topk_probs" else 1e-5
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
+        else:
+            assert workers.column(name).equals(stream.column(name)), name
+    got, want = (manifests[s]["clusters"] for s in ("workers", "stream"))
+    assert got["sizes"] == want["sizes"] and got.get("nearest") == want.get("nearest")
+    np.testing.assert_allclose(got["mean_distance"], want["mean_distance"], rtol=1e-5)
+    assert manifests["workers"]["label"]["actors"] == manifests["workers"]["fit"]["workers"]

@@ -15,6 +15,7 @@ import threading
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import ray
 
 from pseudolabel.ops.arrays import normalize_rows
@@ -71,8 +72,13 @@ class ResidentRows:
         x = np.empty((size, self.settings.dim), self.settings.dtype)
         rows = np.empty(size, np.int64)
         filled = 0
+        columns: list[pa.Table] = []  # ids and pass-through columns (label_columns)
+        if self.spec.label_columns and fraction < 1:
+            raise ValueError("label_columns needs every row: a sampled worker cannot label")
         for batch in source.batches(self.settings):
             report_skips(ledger, batch)
+            if self.spec.label_columns and len(batch.x):
+                columns.append(pa.table({"id": batch.ids, **batch.extra}))
             bx, brows = batch.x, batch.rows
             if fraction < 1:
                 kept = row_keys(brows, self.spec.sample_seed) < fraction
@@ -86,6 +92,9 @@ class ResidentRows:
             rows[filled : filled + m] = brows
             filled += m
         self.x, self.rows = x[:filled], rows[:filled]
+        # Row i of ``columns`` is row i of x: the table the streaming pass's Labeler gets
+        # from the same reader, less the embedding (``runtime.labelling``).
+        self.columns = pa.concat_tables(columns, promote_options="permissive") if columns else None
         # Each row's label of the last full step, -1 before the first: where the approx
         # search (ops.neighbours) starts. A rebuilt worker starts without them.
         self.labels = np.full(filled, -1, np.int32)
