@@ -119,11 +119,15 @@ def not_started(who: str, timeout: float, cpus: float, gpus: float, flag: str) -
 
 
 def wait_ready(
-    actors: list, spec: WorkerSpec, on_ready: Callable[[int], None] | None = None
-) -> list[dict]:
-    """The actors' ``info()``, or a clear error instead of waiting forever for resources
-    (the actors are stopped then). ``on_ready(i)`` as actor i becomes ready."""
-    refs = [a.info.remote() for a in actors]
+    actors: list,
+    spec: WorkerSpec,
+    on_ready: Callable[[int], None] | None = None,
+    method: str = "info",
+) -> list:
+    """The actors' ``info()`` (or ``method()``), or a clear error instead of waiting
+    forever for resources (the actors are stopped then). ``on_ready(i)`` as actor i
+    becomes ready."""
+    refs = [getattr(a, method).remote() for a in actors]
     index = {ref: i for i, ref in enumerate(refs)}
     deadline = time.monotonic() + spec.startup_timeout
     try:

@@ -129,6 +129,14 @@ class ResidentShards:
         sizes = [s.size() for s in sources]
         with progress.bar(sum(sizes), "load", "row") as bar:
             self.infos = wait_ready(self.actors, spec, lambda i: bar.update(sizes[i]))
+        self._warm = False  # torch loaded in every worker (``warm_up``)
+
+    def warm_up(self) -> None:
+        """Before the first step: wait, within --startup-timeout, for the workers' torch,
+        which loads while the driver seeds (``ResidentRows.warm``)."""
+        if not self._warm:
+            wait_ready(self.actors, self.spec, method="warm")
+            self._warm = True
 
     def reduce_mode(self, k: int) -> str:
         """How a step against ``k`` centres is reduced: ``reduce_mode`` for these workers."""
@@ -175,6 +183,7 @@ class ResidentShards:
         rows near their labels of its previous step. Reduced by a gather or, for large
         sums, a reduce-scatter (``reduce_mode``)."""
         k, timeout = len(centroids), self.timeout(len(centroids))
+        self.warm_up()
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         near_ref = None if near is None else ray.put(near)
         if self.reduce_mode(k) == "scatter":
@@ -251,6 +260,7 @@ class ShardSubset:
     def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
         """One step on the selection. ``near`` is not used: a selection keeps no labels,
         and the refinement's subsets are small."""
+        self.shards.warm_up()
         ref = ray.put(np.ascontiguousarray(centroids, np.float32))
         refs = [a.partial_stats.remote(ref, self.selection) for a in self.shards.actors]
         return tree_reduce(refs, self.shards.timeout(len(centroids)))

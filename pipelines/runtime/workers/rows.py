@@ -48,8 +48,8 @@ class ResidentRows:
     def __init__(self, source, settings: ReadSettings, spec: WorkerSpec, ledger=None):
         limit_threads(spec.threads)
         # torch (the float64 scatter-add) loads in ~1 s, several on a busy host: load it
-        # while the rows load. info() waits for it, so that a worker reported ready
-        # answers its first step as fast as its next ones (--task-timeout bounds a step).
+        # while the rows load and the driver seeds. The driver waits for it (warm) before
+        # the first step, so that --task-timeout bounds steps, not torch's load.
         self._imports = threading.Thread(
             target=importlib.import_module, args=("torch",), daemon=True
         )
@@ -112,8 +112,12 @@ class ResidentRows:
                 backend(),
             )
 
-    def info(self) -> dict:
+    def warm(self) -> bool:
+        """Once every background import (torch) has loaded."""
         self._imports.join()
+        return True
+
+    def info(self) -> dict:
         if self.error is not None:
             raise self.error
         return {
