@@ -305,18 +305,19 @@ def _label(
         epsilon=balance[0].epsilon if balance else None,
         centroids_sha256=centroids_sha256,
     )
+    centroids = output.root.join(CENTROIDS)
     if workers is not None:
         log.info(
             "label: on the fit's %d workers, which hold every row (no second read of the "
             "input; --label-from stream reads it again)",
             len(workers.actors),
         )
-        centroids = output.root.join(CENTROIDS).url
-        workers.write_labels(centroids, config.k, spec, staging, config.label_batch_rows, roster)
+        batch_rows = config.label_batch_rows
+        workers.write_labels(centroids.url, config.k, spec, staging, batch_rows, roster)
         return "workers", len(workers.actors)
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
-    label_pass(plan, settings, output.root.join(CENTROIDS), spec, pool, staging, ledger, roster)
+    label_pass(plan, settings, centroids, spec, pool, staging, ledger, roster)
     return "stream", pool.size
 
 

@@ -1,6 +1,7 @@
 """ShardWorker and the Ray-backed dataset: same math as in-process, independent of W."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pseudolabel.ops.dataset import ArrayData
@@ -33,6 +34,30 @@ def test_worker_in_process_matches_array_data(small_dataset):
     rows, got = worker.rows_at(np.array([0, 17, 5999]))
     np.testing.assert_array_equal(rows, [0, 17, 5999])
     np.testing.assert_array_equal(got, x[[0, 17, 5999]])
+
+
+def test_worker_labels_refuse_rows_that_moved(small_dataset, tmp_path):
+    """A worker writes the rows the driver planned its files from: one that holds another
+    number of rows (rebuilt after its input changed) refuses instead of shifting them; one
+    started without ids refuses too."""
+    import dataclasses
+
+    from pseudolabel.pipelines.errors import PseudolabelError
+    from pseudolabel.pipelines.io.storage import resolve
+    from pseudolabel.pipelines.runtime.labelling import LabelSpec
+
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    source = FileRows(tuple(plan.split(1)[0]))
+    worker = ShardWorker(source, settings, dataclasses.replace(SPEC, label_columns=True))
+    centroids, target = x[:4], resolve(str(tmp_path / "w.parquet"))
+    assert worker.write_labels(centroids, LabelSpec("l2"), {}, target, (0, 100, 6000), 64) == 100
+    assert pq.read_table(tmp_path / "w.parquet").column("id").to_pylist() == list(range(100))
+    with pytest.raises(PseudolabelError, match="loaded 6000 rows where it held 5999"):
+        worker.write_labels(centroids, LabelSpec("l2"), {}, target, (0, 100, 5999), 64)
+    bare = ShardWorker(source, settings, SPEC)
+    with pytest.raises(PseudolabelError, match="holds no ids"):
+        bare.write_labels(centroids, LabelSpec("l2"), {}, target, (0, 100, 6000), 64)
 
 
 def test_four_workers_equal_one_worker(ray_local, small_dataset):

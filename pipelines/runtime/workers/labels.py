@@ -32,7 +32,7 @@ FILE_ROWS = 1 << 20
 class LabelRole:
     """Needs ``self.x``, ``self.columns`` and ``self.spec`` (the resident-rows role)."""
 
-    _labeler: tuple[tuple, RowLabeler] | None = None
+    _labeler: tuple[tuple | None, RowLabeler] | None = None
 
     def write_labels(
         self,
@@ -77,8 +77,8 @@ class LabelRole:
         the roster once, as a labeler of the streaming pass is."""
         # Arrays (the Python API's) are not compared: a fresh labeller for each call.
         by_url = isinstance(centroids, str) and not isinstance(spec.duals, np.ndarray)
-        key = (centroids, spec) if by_url else (object(),)
-        if self._labeler is None or self._labeler[0] != key:
+        key = (centroids, spec) if by_url else None
+        if key is None or self._labeler is None or self._labeler[0] != key:
             labeler = RowLabeler(centroids, spec, storage_options)
             join_roster(roster, labeler.spec.device)
             self._labeler = (key, labeler)
