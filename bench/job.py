@@ -6,9 +6,11 @@ Each side is a fresh process timed from launch to exit, in alternating rounds:
 
 * plain: pyarrow reads the shards, ``faiss.Kmeans`` (subsampling off, all cores) fits,
   its index labels every row, pyarrow writes id, label and distance;
-* ``pseudolabel run`` as a user runs it (Ray start, plan, fit, label, verify, commit),
-  once with ``--label-from workers`` (the fit's workers label the rows they hold) and
-  once with ``--label-from stream`` (a Ray Data pass reads the input again).
+* ``pseudolabel run`` as a user runs it (plan, fit, label, verify, report, commit):
+  ``local``, the default for a job this size (``--backend auto``: in this process, no
+  Ray); ``ray``, the same on an embedded Ray (``--backend ray``: Ray's start and actors,
+  the fit's workers label the rows they hold); ``stream``, on Ray with ``--label-from
+  stream`` (a Ray Data pass reads the input again).
 
 Reported: the median time of each, their ratios to plain's, and each side's objective
 (the labelled rows' summed squared distances) as a ratio to plain's.
@@ -26,7 +28,13 @@ from pathlib import Path
 
 from bench.common import OUT, dataset, save, size_parser
 
-SIDES = ("plain", "workers", "stream")
+SIDES = ("plain", "local", "ray", "stream")
+# Each pseudolabel side: its flags, and the backend and label source its manifest shows.
+RUNS = {
+    "local": ((), "local", "workers"),
+    "ray": (("--backend", "ray"), "ray", "workers"),
+    "stream": (("--backend", "ray", "--label-from", "stream"), "ray", "stream"),
+}
 
 
 def plain(root: str, out: str, k: int, iterations: int) -> None:
@@ -60,7 +68,7 @@ def side(name: str, root: Path, k: int, iterations: int) -> tuple[float, float]:
     else:
         argv = [str(Path(sys.executable).parent / "pseudolabel"), "-q", "run", "--input",
                 str(root), "--output", str(out), "--k", str(k), "--iterations",
-                str(iterations), "--tol", "0", "--label-from", name]  # fmt: skip
+                str(iterations), "--tol", "0", *RUNS[name][0]]  # fmt: skip
     t0 = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -70,7 +78,8 @@ def side(name: str, root: Path, k: int, iterations: int) -> tuple[float, float]:
         objective = json.loads(done.stdout.strip().splitlines()[-1])["objective"]
     else:
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["label"]["source"] == name, manifest["label"]
+        where = (manifest["backend"]["name"], manifest["label"]["source"])
+        assert where == RUNS[name][1:], where
         objective = manifest["metrics"]["label_distance_sum"]
     shutil.rmtree(out, ignore_errors=True)
     return seconds, objective
@@ -101,16 +110,18 @@ def main() -> None:
         "seconds": {s: [round(t, 2) for t, _ in runs[s]] for s in SIDES},
         "objective": objective,
     }  # fmt: skip
-    for s in ("workers", "stream"):
+    for s in RUNS:
         results[f"{s}_time_ratio"] = round(median[s] / median["plain"], 3)
         results[f"{s}_objective_ratio"] = round(objective[s] / objective["plain"], 4)
         print(
-            f"pseudolabel run --label-from {s}: x{results[f'{s}_time_ratio']} of plain's time "
-            f"(median {median[s]:.2f} s against {median['plain']:.2f} s), objective "
-            f"x{results[f'{s}_objective_ratio']}"
+            f"pseudolabel run {' '.join(RUNS[s][0]) or '(defaults)'}: "
+            f"x{results[f'{s}_time_ratio']} of plain's time (median {median[s]:.2f} s "
+            f"against {median['plain']:.2f} s), objective x{results[f'{s}_objective_ratio']}"
         )
-    results["workers_to_stream"] = round(median["workers"] / median["stream"], 3)
-    print(f"--label-from workers: x{results['workers_to_stream']} of --label-from stream's time")
+    results["local_to_ray"] = round(median["local"] / median["ray"], 3)
+    results["workers_to_stream"] = round(median["ray"] / median["stream"], 3)
+    print(f"in this process: x{results['local_to_ray']} of the same run on Ray")
+    print(f"on Ray, --label-from workers: x{results['workers_to_stream']} of stream's time")
     print(f"saved {save('job', results)}")
 
 

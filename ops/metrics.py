@@ -8,7 +8,6 @@ NMI with the arithmetic mean of the entropies, ARI of Hubert & Arabie (1985).
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.special import comb
 
 
@@ -52,6 +51,8 @@ def ari(table: np.ndarray) -> float:
 
 def matched_accuracy(table: np.ndarray) -> float:
     """Accuracy after the best one-to-one matching of labels to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment  # ~0.4 s to import: only when scored
+
     r, c = linear_sum_assignment(table, maximize=True)
     return float(table[r, c].sum() / table.sum())
 

@@ -34,6 +34,9 @@ SCATTER_FROM_BYTES = 1 << 30
 # Where a run labels its rows (``RunConfig.label_source``): on the fit's workers, which
 # hold every row after a Lloyd fit, or in a streaming Ray Data pass that reads them again.
 LABEL_SOURCES = ("auto", "workers", "stream")
+# Where a run's stages execute (``runtime.session.choose_backend``): on Ray, or in this
+# process with no Ray at all (``runtime.calls``).
+BACKENDS = ("auto", "ray", "local")
 
 # --fit-sample auto: rows per centroid, faiss's default subsampling (max_points_per_centroid).
 SAMPLE_PER_CENTROID = 256
@@ -188,6 +191,14 @@ class RunConfig:
         choices=LABEL_SOURCES,
     )
     # Ray and storage.
+    backend: str = _opt(
+        "auto",
+        "where the stages run: on Ray (embedded, or --ray-address), or in this process "
+        "with no Ray (one worker on every core; Lloyd on CPUs); auto: in this process "
+        "when no cluster is given, the fit is Lloyd on CPUs without --workers, and the "
+        "rows take at most a quarter of the memory",
+        choices=BACKENDS,
+    )
     ray_address: str | None = _opt(
         None,
         "Ray cluster to join (auto, ray://...); default: RAY_ADDRESS, else an embedded local Ray",
@@ -267,6 +278,16 @@ class RunConfig:
             self.label_from != "workers" or (self.algorithm == "lloyd" and self.fit_sample == "0"),
             "--label-from workers needs --algorithm lloyd without --fit-sample (only then "
             "do the fit's workers hold every row)",
+        )
+        _require(
+            self.backend != "local" or self.algorithm == "lloyd",
+            "--backend local runs Lloyd only (mini-batch k-means streams the rows through "
+            "Ray Data): use --backend ray or auto",
+        )
+        _require(
+            self.backend != "local" or not (self.ray_address or self.gpus_per_worker),
+            "--backend local runs in this process on its CPUs: --ray-address and "
+            "--gpus-per-worker need --backend ray or auto",
         )
         _require(
             self.search != "approx" or self.algorithm == "lloyd",

@@ -35,6 +35,7 @@ from pseudolabel.pipelines.io.layout import CENTROIDS, LABELS, RunOutput, load_n
 from pseudolabel.pipelines.io.plan import SUFFIXES
 from pseudolabel.pipelines.io.storage import Location, resolve
 from pseudolabel.pipelines.runtime.label_partitions import cluster_selection
+from pseudolabel.pipelines.runtime.session import run_session
 from pseudolabel.pipelines.stages.verify import count_labels
 
 log = logging.getLogger("pseudolabel")
@@ -78,7 +79,10 @@ def curate(config: CurateConfig) -> dict[str, Any]:
     cluster_paths = tree.paths(np.arange(levels[0]))
     rng = np.random.default_rng(config.seed)
     quota = sample_quotas(cluster_paths, sizes, sample_size, rng)
-    selection = cluster_selection(files, quota, strategy, config.seed, int(sizes.sum()))
+    # The selection reads every label file: in Ray tasks on a cluster, as level 1 ran.
+    backend = level1.get("backend", {}).get("name", "ray")  # no name: a run from before
+    with run_session(level1_config, backend):
+        selection = cluster_selection(files, quota, strategy, config.seed, int(sizes.sum()))
     paths = cluster_paths[selection.column("label").to_numpy()]
     log.info(
         "curate: %d of %d ids selected, %s within clusters",

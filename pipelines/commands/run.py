@@ -15,7 +15,6 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-import ray
 
 from pseudolabel.ops.kmeans import resolve_search
 from pseudolabel.ops.metrics import scores, size_stats
@@ -30,9 +29,10 @@ from pseudolabel.pipelines.io.lease import Lease
 from pseudolabel.pipelines.io.plan import SUFFIXES, Plan, make_plan
 from pseudolabel.pipelines.io.skips import start_ledger
 from pseudolabel.pipelines.io.storage import resolve
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.roster import describe, start_roster, warn_fallback
-from pseudolabel.pipelines.runtime.session import ray_session, size_pools
+from pseudolabel.pipelines.runtime.session import choose_backend, run_session, size_pools
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.stages.balance import (
     load_balance,
@@ -110,9 +110,11 @@ def _run(
     if plan.fmt != "parquet" and config.kept_columns():
         raise ConfigError("--keep-columns: .npy input holds no columns but the embedding")
     # Where the rows are labelled: on the fit's workers, which then read the label pass's
-    # columns too, or in a streaming pass that reads the input again.
+    # columns too, or in a pass that reads the input again.
     source = "stream" if model else config.label_source(plan.total_rows, plan.value_type)
     settings = config.read_settings(plan, label_pass=source == "workers")
+    itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
+    backend, why = choose_backend(config, plan.total_rows, plan.dim, itemsize)
     log.info(
         "plan: %d %s files, %d rows, dim %d, %s%s",
         len(plan.files),
@@ -128,10 +130,16 @@ def _run(
     elif config.k > plan.total_rows:
         raise InputError(f"--k {config.k} exceeds the {plan.total_rows} input rows")
 
+    log.info(
+        "backend: %s (%s; --backend chooses)",
+        "in this process, no Ray" if backend == "local" else "Ray",
+        why,
+    )
     t_ray = time.perf_counter()
-    with ray_session(config) as resources:
-        timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
-        sizing = size_pools(config, resources)
+    with run_session(config, backend) as resources:
+        if backend == "ray":
+            timings["ray_start"] = round(time.perf_counter() - t_ray, 3)
+        sizing = size_pools(config, resources, backend)
         spec = dataclasses.replace(WorkerSpec.of(config, sizing), label_columns=source == "workers")
         ledger = start_ledger()  # every reader reports its skipped rows here
         checkpoints = Checkpoints(
@@ -170,9 +178,12 @@ def _run(
             staging = output.new_staging()
             roster = start_roster()  # each labeler reports its node and device here
             with _timed("label", timings):
+                reread = backend == "local" and workers is None
+                if reread:  # no Ray Data here: a worker reads the rows again and labels them
+                    workers = _reread(config, plan, spec, ledger)
                 labelled_on, asked = _label(
                     config, plan, config.read_settings(plan, label_pass=True), sizing, output,
-                    staging, balance, ledger, roster, centroids_sha256, workers,
+                    staging, balance, ledger, roster, centroids_sha256, workers, reread,
                 )  # fmt: skip
         finally:
             if workers is not None:
@@ -207,7 +218,11 @@ def _run(
             "centroids_sha256": centroids_sha256,  # what every labeler checked it loaded
         }
         manifest["fingerprint"] = fingerprint
-        manifest["ray"] = {"cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+        manifest["backend"] = {"name": backend, "why": why}
+        if backend == "ray":
+            manifest["ray"] = {"cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+        else:
+            manifest["backend"]["cpus"] = resources["CPU"]
         drift = label_drift(
             config, fitted.state.centroids, output.labels.files([".parquet"]), plan.total_rows
         )
@@ -227,8 +242,10 @@ BOOKKEEPING_S = 60.0
 
 
 def _ask(ref: Any, actor: str) -> Any:
+    import ray
+
     try:
-        return ray.get(ref, timeout=BOOKKEEPING_S)
+        return calls.get(ref, timeout=BOOKKEEPING_S)
     except ray.exceptions.GetTimeoutError:
         raise ResourceError(
             f"the run's {actor} did not answer within {BOOKKEEPING_S:g} s: the driver's "
@@ -282,6 +299,17 @@ def _balance(
     return (result, info), workers
 
 
+def _reread(config: RunConfig, plan: Plan, spec: WorkerSpec, ledger) -> ResidentShards:
+    """An in-process worker holding every row with the label pass's columns, for a run
+    in this process whose fit's workers did not (or are gone). Spherical rows are held
+    in float32, as a streaming Labeler normalises them (``RunConfig.label_source``)."""
+    settings = config.read_settings(plan, label_pass=True)
+    if config.spherical:
+        settings = dataclasses.replace(settings, dtype="float32")
+    spec = dataclasses.replace(spec, label_columns=True)
+    return ResidentShards.from_plan(plan, settings, spec, 1, ledger)
+
+
 def _label(
     config,
     plan,
@@ -294,10 +322,12 @@ def _label(
     roster,
     centroids_sha256: str,
     workers: ResidentShards | None = None,
+    reread: bool = False,
 ) -> tuple[str, int]:
     """Label every row into ``staging``: on ``workers`` when given (they hold every row
-    and its columns), else in a streaming pass (``settings``: the label pass's, with
-    --keep-columns). Returns where ("workers" or "stream") and how many actors."""
+    and its columns; ``reread``: loaded for this, not the fit's), else in a streaming
+    pass (``settings``: the label pass's, with --keep-columns). Returns where
+    ("workers", "reread" or "stream") and how many actors."""
     spec = LabelSpec.of(
         config,
         sizing,
@@ -307,14 +337,17 @@ def _label(
     )
     centroids = output.root.join(CENTROIDS)
     if workers is not None:
-        log.info(
-            "label: on the fit's %d workers, which hold every row (no second read of the "
-            "input; --label-from stream reads it again)",
-            len(workers.actors),
-        )
+        if reread:
+            log.info("label: in this process, on a second read of the input")
+        else:
+            log.info(
+                "label: on the fit's %d workers, which hold every row (no second read of "
+                "the input; --label-from stream reads it again)",
+                len(workers.actors),
+            )
         batch_rows = config.label_batch_rows
         workers.write_labels(centroids.url, config.k, spec, staging, batch_rows, roster)
-        return "workers", len(workers.actors)
+        return "reread" if reread else "workers", len(workers.actors)
     pool = LabelPool.of(config, sizing)
     log.info("label: %d labeler actors, batches of %d rows", pool.size, pool.batch_rows)
     label_pass(plan, settings, centroids, spec, pool, staging, ledger, roster)

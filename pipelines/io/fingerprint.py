@@ -38,6 +38,7 @@ OPERATIONAL = frozenset(
         "max_restarts",
         "startup_timeout",
         "task_timeout",
+        "backend",  # the same labels in this process and on Ray (test_backend.py)
         "ray_address",
         "ray_num_cpus",
         "storage_options",

@@ -48,8 +48,7 @@ def report_skips(ledger: Any, batch: Batch) -> None:
     if isinstance(ledger, SkipLedger):
         ledger.record(batch.block, dict(batch.skipped))
         return
-    import ray
-
+    from pseudolabel.pipelines.runtime import calls
     from pseudolabel.pipelines.runtime.bookkeeping import resolve
 
-    ray.get(resolve(ledger).record.remote(batch.block, dict(batch.skipped)))
+    calls.get(resolve(ledger).record.remote(batch.block, dict(batch.skipped)))

@@ -11,6 +11,7 @@ import ray
 
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ResourceError
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.session import Sizing
 
 
@@ -70,7 +71,7 @@ def gather(refs: list, timeout: float, what: str) -> list:
     """``ray.get(refs)``, or a ResourceError once ``timeout`` seconds pass with answers
     missing (``wait_all``)."""
     wait_all(refs, timeout, what)
-    return ray.get(refs)
+    return calls.get(refs)
 
 
 def wait_all(refs: list, timeout: float, what: str) -> None:
@@ -78,7 +79,7 @@ def wait_all(refs: list, timeout: float, what: str) -> None:
     ``timeout`` seconds: a worker on a node that stopped answering (a hung host, a
     network partition Ray has not noticed) ends the run instead of stalling it forever.
     The fit's checkpoints stay; a rerun resumes from the last finished iteration."""
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+    _, pending = calls.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
     if pending:
         raise unanswered(len(pending), len(refs), what, timeout)
 
@@ -93,15 +94,16 @@ def unanswered(late: int, workers: int, what: str, timeout: float) -> ResourceEr
 
 
 def start_actor(actor_class: type, spec: WorkerSpec, *args: Any) -> Any:
-    """One actor of ``actor_class``, spread over nodes, rebuilt by Ray when lost."""
-    options = ray.remote(actor_class).options(
-        num_cpus=spec.num_cpus,
-        num_gpus=spec.num_gpus,
-        max_restarts=spec.max_restarts,
-        max_task_retries=spec.max_restarts,
-        scheduling_strategy="SPREAD",
-    )
-    return options.remote(*args)
+    """One actor of ``actor_class``, spread over nodes, rebuilt by Ray when lost (or in
+    this process, outside Ray: ``calls.start``)."""
+    options = {
+        "num_cpus": spec.num_cpus,
+        "num_gpus": spec.num_gpus,
+        "max_restarts": spec.max_restarts,
+        "max_task_retries": spec.max_restarts,
+        "scheduling_strategy": "SPREAD",
+    }
+    return calls.start(actor_class, options, *args)
 
 
 def not_started(who: str, timeout: float, cpus: float, gpus: float, flag: str) -> ResourceError:
@@ -134,7 +136,7 @@ def wait_ready(
         pending = list(refs)
         while pending:
             left = max(deadline - time.monotonic(), 0.0)
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            ready, pending = calls.wait(pending, num_returns=1, timeout=left)
             if not ready:
                 break
             if on_ready is not None:
@@ -147,7 +149,7 @@ def wait_ready(
                 spec.num_gpus,
                 "--workers",
             )
-        return ray.get(refs)
+        return calls.get(refs)
     except BaseException:
         stop_actors(actors, spec)
         raise
@@ -156,14 +158,14 @@ def wait_ready(
 def stop_actors(actors: list, spec: WorkerSpec) -> None:
     """Kill the actors and wait (briefly) until Ray has their CPUs back, so the pass that
     follows does not start on a cluster that looks full."""
-    if not actors:
-        return
+    if not actors or not calls.on_ray():
+        return  # in-process actors are dropped with the caller's references
     freed = min(  # actors that never started hold nothing: cap at the cluster's CPUs
         ray.cluster_resources().get("CPU", 0),
         ray.available_resources().get("CPU", 0) + spec.num_cpus * len(actors),
     )
     for actor in actors:
-        ray.kill(actor)
+        calls.kill(actor)
     deadline = time.monotonic() + 10
     while ray.available_resources().get("CPU", 0) < freed and time.monotonic() < deadline:
         time.sleep(0.05)

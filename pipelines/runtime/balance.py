@@ -8,10 +8,10 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
-import ray
 
 from pseudolabel.ops.hard_balance import Boundary
 from pseudolabel.ops.sinkhorn import RowBlock
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import gather
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 
@@ -39,11 +39,11 @@ class BalanceShards:
             "seed": seed,
             "token": uuid.uuid4().hex,  # workers keep per-problem state under it
         }
-        ref = ray.put(problem)
+        ref = calls.put(problem)
         self.sample_rows = sum(
             self._gather([a.balance_sample_size.remote(ref) for a in self.actors])
         )
-        self.problem_ref = ray.put({**problem, "rows": self.sample_rows})  # once
+        self.problem_ref = calls.put({**problem, "rows": self.sample_rows})  # once
         self.stage: tuple = (0, np.zeros(len(centroids)), 1.0)
         self.cached: list[bool] = []
 

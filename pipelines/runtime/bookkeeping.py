@@ -18,8 +18,14 @@ _NAMES: dict[str, str] = {}
 
 def start_bookkeeper(cls: type, prefix: str) -> Any:
     """A named ``cls`` actor with no CPU of its own, on this (the driver's) node, never
-    restarted: a lost one fails the run's checks rather than undercounting."""
+    restarted: a lost one fails the run's checks rather than undercounting. Outside Ray,
+    an in-process one (``calls.LocalActor``)."""
     import ray
+
+    from pseudolabel.pipelines.runtime import calls
+
+    if not calls.on_ray():
+        return calls.LocalActor(cls)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

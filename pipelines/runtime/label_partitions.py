@@ -23,6 +23,7 @@ import ray
 from pseudolabel.ops.sampling import cluster_samples, row_keys
 from pseudolabel.pipelines.io.label_files import read_columns
 from pseudolabel.pipelines.io.storage import Location
+from pseudolabel.pipelines.runtime import calls
 
 # Rows per partition the driver aims for; at least one partition, at most MAX_PARTITIONS.
 ROWS_PER_PARTITION = 4_000_000
@@ -57,7 +58,7 @@ def _partition(loc: Location, columns: list[str], parts: int, file_index: int, b
 def _spread(files: list[Location], columns: list[str], parts: int, by: str = "id") -> list:
     """refs[p] = partition p's table refs, one per file."""
     refs = [
-        _partition.options(num_returns=parts).remote(f, columns, parts, i, by)
+        calls.task(_partition).options(num_returns=parts).remote(f, columns, parts, i, by)
         for i, f in enumerate(files)
     ]
     if parts == 1:
@@ -84,7 +85,8 @@ def duplicate_positions(files: list[Location], rows: int) -> tuple[dict[int, np.
     if not files:  # every row skipped: nothing was written
         return {}, []
     parts = partition_count(rows)
-    answers = ray.get([_later_occurrences.remote(*p) for p in _spread(files, ["id"], parts)])
+    later = calls.task(_later_occurrences)
+    answers = calls.get([later.remote(*p) for p in _spread(files, ["id"], parts)])
     drop: dict[int, list[np.ndarray]] = {}
     examples: list[str] = []
     for file_numbers, row_numbers, some in answers:
@@ -116,9 +118,8 @@ def label_contingency(
     parts = partition_count(rows)
     before = _spread(previous, ["id", "label"], parts) if previous else [[]] * parts
     after = _spread(current, ["id", "label"], parts) if current else [[]] * parts
-    answers = ray.get(
-        [_joined_pairs.remote(len(b), *b, *a) for b, a in zip(before, after, strict=True)]
-    )
+    joined = calls.task(_joined_pairs)
+    answers = calls.get([joined.remote(len(b), *b, *a) for b, a in zip(before, after, strict=True)])
     codes = np.concatenate([a[0] for a in answers]) if answers else np.empty(0, np.int64)
     counts = np.concatenate([a[1] for a in answers]) if answers else np.empty(0, np.int64)
     codes, where = np.unique(codes, return_inverse=True)
@@ -151,7 +152,7 @@ def cluster_selection(
         return pa.table({"id": pa.array([], pa.int64()), "label": pa.array([], pa.int32())})
     parts = partition_count(rows)
     spread = _spread(files, ["id", "label", "distance"], parts, by="label")
-    quota_ref = ray.put(np.asarray(quota, np.int64))
-    picked = ray.get([_pick.remote(quota_ref, strategy, seed, *p) for p in spread])
+    quota_ref = calls.put(np.asarray(quota, np.int64))
+    picked = calls.get([calls.task(_pick).remote(quota_ref, strategy, seed, *p) for p in spread])
     table = pa.concat_tables(picked, promote_options="default")
     return table.sort_by([("file", "ascending"), ("row", "ascending")]).select(["id", "label"])

@@ -14,6 +14,8 @@ from typing import Any
 
 log = logging.getLogger("pseudolabel")
 
+LOCAL_NODE = "local"  # the node of an in-process actor (``calls.LocalActor``)
+
 
 class Roster:
     def __init__(self) -> None:
@@ -41,16 +43,14 @@ def join_roster(roster: Any, device: str) -> None:
         return
     import ray
 
-    context = ray.get_runtime_context()
-    member = {
-        "actor": context.get_actor_id() or f"pid-{os.getpid()}",
-        "node": context.get_node_id(),
-        "pid": os.getpid(),
-        "device": device,
-    }
+    from pseudolabel.pipelines.runtime import calls
     from pseudolabel.pipelines.runtime.bookkeeping import resolve
 
-    ray.get(resolve(roster).join.remote(member))
+    member = {"actor": f"pid-{os.getpid()}", "node": LOCAL_NODE, "pid": os.getpid()}
+    if calls.on_ray():
+        context = ray.get_runtime_context()
+        member.update(actor=context.get_actor_id() or member["actor"], node=context.get_node_id())
+    calls.get(resolve(roster).join.remote({**member, "device": device}))
 
 
 def describe(members: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import ray
 
 from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import RunConfig, TrainConfig
+from pseudolabel.pipelines.runtime import calls
 
 log = logging.getLogger("pseudolabel")
 
@@ -46,6 +47,83 @@ def ray_session(config: RunConfig | TrainConfig) -> Iterator[dict[str, float]]:
         ray.shutdown()
 
 
+# --backend auto runs in this process when the rows, as the workers hold them, take at
+# most this share of the memory this process may use: the rest is for the label files
+# being written, the report's sample and the fit's k x d arrays.
+LOCAL_MEMORY_SHARE = 0.25
+
+
+def choose_backend(config: RunConfig, rows: int, dim: int, itemsize: int) -> tuple[str, str]:
+    """("ray" or "local", why) for a run over ``rows`` x ``dim`` rows held in
+    ``itemsize`` bytes each (--backend; auto: ``local`` when nothing asks for Ray and
+    the rows fit comfortably in memory)."""
+    if config.backend != "auto":
+        return config.backend, f"--backend {config.backend}"
+    held, memory = rows * dim * itemsize, memory_limit()
+    reasons = [
+        (ray.is_initialized(), "a Ray session is up in this process"),
+        (bool(config.ray_address or os.environ.get("RAY_ADDRESS")), "a Ray cluster was given"),
+        (config.algorithm == "minibatch", "mini-batch k-means streams through Ray Data"),
+        (config.gpus_per_worker > 0, "--gpus-per-worker places GPU actors"),
+        (config.workers is not None, "--workers sizes a pool of Ray actors"),
+        (config.ray_num_cpus is not None, "--ray-num-cpus sizes an embedded Ray"),
+        (
+            held > LOCAL_MEMORY_SHARE * memory,
+            f"the rows take {held / 2**30:.2f} GiB, over {LOCAL_MEMORY_SHARE:g} of the "
+            f"{memory / 2**30:.1f} GiB of memory here",
+        ),
+    ]
+    for applies, why in reasons:
+        if applies:
+            return "ray", why
+    return "local", f"the rows take {held / 2**30:.2f} GiB and no cluster was given"
+
+
+def memory_limit() -> int:
+    """Bytes of memory this process may still use: the machine's available memory, or
+    less under a cgroup (container) limit."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass  # not Linux: the free pages, an underestimate
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for path, used in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (v1 + "limit_in_bytes", v1 + "usage_in_bytes"),
+    ):
+        try:
+            with open(path) as f, open(used) as g:
+                limit = f.read().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # cgroup v1 writes "no limit" so
+                    available = min(available, int(limit) - int(g.read()))
+        except (OSError, ValueError):
+            continue
+    return max(available, 0)
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def run_session(config: RunConfig, backend: str) -> Iterator[dict[str, float]]:
+    """The run's resources: a Ray session's (``ray_session``), or this process's CPUs
+    for the in-process backend, where no Ray starts (``runtime.calls``)."""
+    if backend == "ray":
+        with ray_session(config) as resources:
+            yield resources
+        return
+    with calls.in_process():
+        yield {"CPU": float(local_cpus())}
+
+
 @dataclass(frozen=True)
 class Sizing:
     workers: int
@@ -55,14 +133,18 @@ class Sizing:
     label_threads: int | None = None
 
 
-def size_pools(config: RunConfig, resources: dict[str, float]) -> Sizing:
+def size_pools(config: RunConfig, resources: dict[str, float], backend: str = "ray") -> Sizing:
     """Workers default to one per CPU (or GPU slot). Where Ray Data reads alongside the
     actors (the label pass, the mini-batch stream), one whole CPU stays free for its read
     tasks, which ask for one CPU each: actors holding the rest would starve them and the
     pass would never finish. A cluster that scales from zero shows no GPUs yet: pass
     --workers, which then sizes the GPU label pool too (the fit has brought those GPUs
-    up by the time it starts)."""
+    up by the time it starts). In this process (``backend`` "local") one worker holds
+    the rows and computes with every core."""
     cpus = resources.get("CPU", 1)
+    if backend == "local":
+        threads = max(1, int(cpus))
+        return Sizing(1, 1, "cpu", threads, threads)
     if config.gpus_per_worker > 0:
         slots = int(resources.get("GPU", 0) // config.gpus_per_worker)
         streamed = max(slots, config.workers or 0)

@@ -31,6 +31,7 @@ from pseudolabel.ops.stats import (
 from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import REDUCES, SCATTER_FROM_BYTES
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import (
     WorkerSpec,
     gather,
@@ -77,7 +78,7 @@ def tree_reduce(refs: list, timeout: float) -> PartialStats:
     wait_all(refs, timeout, "a step's statistics")  # the workers; the sums follow
     return tree_sum(
         refs,
-        lambda group: _sum_stats.remote(*group),
+        lambda group: calls.task(_sum_stats).remote(*group),
         lambda group: reduce_stats(gather(group, timeout, "a step's statistics")),
     )
 
@@ -184,8 +185,8 @@ class ResidentShards:
         sums, a reduce-scatter (``reduce_mode``)."""
         k, timeout = len(centroids), self.timeout(len(centroids))
         self.warm_up()
-        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
-        near_ref = None if near is None else ray.put(near)
+        ref = calls.put(np.ascontiguousarray(centroids, np.float32))
+        near_ref = None if near is None else calls.put(near)
         if self.reduce_mode(k) == "scatter":
             return scatter_reduce(self.actors, ref, near_ref, k, timeout)
         refs = [a.partial_stats.remote(ref, None, near_ref) for a in self.actors]
@@ -197,13 +198,13 @@ class ResidentShards:
         """Up to per_cluster rows of every cluster, kept on the workers."""
         c = np.ascontiguousarray(centroids, np.float32)
         problem = {"centroids": c, "per_cluster": per_cluster, "strategy": strategy, "seed": seed}
-        ref = ray.put(problem)
+        ref = calls.put(problem)
         timeout = self.timeout(len(c))
         parts = gather([a.cluster_candidates.remote(ref) for a in self.actors], timeout, "a subset")
         labels, keys, rows = (np.concatenate([p[i] for p in parts]) for i in range(3))
         key_t, row_t = cluster_thresholds(labels, keys, rows, len(c), per_cluster)
         selection = {**problem, "key_t": key_t, "row_t": row_t, "token": uuid.uuid4().hex}
-        selection_ref = ray.put(selection)
+        selection_ref = calls.put(selection)
         counts = gather([a.select.remote(selection_ref) for a in self.actors], timeout, "a subset")
         return ShardSubset(self, selection_ref, sum(counts))
 
@@ -229,10 +230,10 @@ class ResidentShards:
         pending, written = list(refs), 0
         with progress.bar(self.count(), "label", "row") as bar:
             while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=stall)
+                done, pending = calls.wait(pending, num_returns=1, timeout=stall)
                 if not done:
                     raise unanswered(len(pending), len(refs), "their rows' labels", stall)
-                written += ray.get(done[0])
+                written += calls.get(done[0])
                 bar.set(written)
         return written
 
@@ -261,7 +262,7 @@ class ShardSubset:
         """One step on the selection. ``near`` is not used: a selection keeps no labels,
         and the refinement's subsets are small."""
         self.shards.warm_up()
-        ref = ray.put(np.ascontiguousarray(centroids, np.float32))
+        ref = calls.put(np.ascontiguousarray(centroids, np.float32))
         refs = [a.partial_stats.remote(ref, self.selection) for a in self.shards.actors]
         return tree_reduce(refs, self.shards.timeout(len(centroids)))
 

@@ -13,8 +13,8 @@ from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import InputError
 from pseudolabel.pipelines.io.checkpoints import Checkpoints
-from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.roster import warn_fallback
 from pseudolabel.pipelines.runtime.shards import ResidentShards
@@ -72,6 +72,8 @@ def start_workers(
     """Resident workers that load the planned files (Lloyd), or stream workers over a
     Ray Data read of them (mini-batch)."""
     if config.algorithm == "minibatch":
+        from pseudolabel.pipelines.io.datasource import embedding_dataset  # loads Ray Data
+
         # Small read tasks in a seeded random order: batches mix many files early on. Ids
         # are read too, so the fit skips the rows (null or non-UTF-8 ids) the label skips.
         dataset = embedding_dataset(
@@ -204,14 +206,10 @@ def run_fit(
         params = dataclasses.replace(params, search="flat")
     reduce = None
     if isinstance(data, ResidentShards):
-        log.info(
-            "fit: %d %s workers on %d node(s) loaded %d rows in %.1f s",
-            len(data.actors),
-            devices,
-            nodes,
-            data.count(),
-            load,
-        )
+        where = f"{len(data.actors)} {devices} workers on {nodes} node(s)"
+        if not calls.on_ray():
+            where = "a worker in this process"
+        log.info("fit: %s loaded %d rows in %.1f s", where, data.count(), load)
         reduce = data.reduce_mode(config.k)
         if reduce == "scatter":
             log.info(

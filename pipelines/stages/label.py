@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import ray
-import ray.data
-from ray.data.exceptions import ExecutionTimeoutError
-from ray.util.annotations import RayDeprecationWarning
 
 from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ResourceError
-from pseudolabel.pipelines.io.datasource import embedding_dataset
 from pseudolabel.pipelines.io.plan import Plan, ReadSettings
 from pseudolabel.pipelines.io.storage import Location, first_line
 from pseudolabel.pipelines.runtime.actors import not_started, step_timeout
@@ -89,6 +84,8 @@ def label_dataset(
 ) -> Any:
     """The lazy Dataset of ``dataset``'s rows with their labels (``Labeler``); each
     labeler reports itself to ``roster`` (``runtime.roster``) when given one."""
+    from ray.util.annotations import RayDeprecationWarning
+
     # Ray 2.60 deprecates ``max_restarts`` among map_batches' keywords (and the per-actor
     # function) with no replacement yet; the warning is Ray's to a user who cannot act.
     with warnings.catch_warnings():
@@ -97,6 +94,8 @@ def label_dataset(
 
 
 def _map_labeler(dataset, centroids, spec, pool, storage_options, roster) -> Any:
+    import ray.data
+
     return dataset.map_batches(
         Labeler,
         fn_constructor_kwargs={
@@ -131,6 +130,12 @@ def label_pass(
     """Label every input row into parquet files under ``staging``. A pool that cannot
     start within ``pool.startup_timeout`` is a ResourceError, not a wait without end
     (Ray Data waits for its actors forever by default)."""
+    # Ray Data loads here, where a pass needs it (~0.9 s): a run in this process never does.
+    import ray.data
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from pseudolabel.pipelines.io.datasource import embedding_dataset
+
     # A Dataset takes a copy of the current DataContext when it is made: set it first.
     context = ray.data.DataContext.get_current()
     saved = context.wait_for_min_actors_s, context.execution_no_progress_timeout_s

@@ -109,16 +109,21 @@ def test_empty_shard_is_listed_not_an_error(defects, tmp_path):
     assert plan.total_rows == sum(len(b.x) for b in batches) == 300
 
 
-def test_duplicate_ids_are_an_error_at_publish(ray_local, defects, tmp_path):
+BACKENDS = pytest.mark.parametrize("backend", ["ray", "local"])  # --backend local: no Ray
+
+
+@BACKENDS
+def test_duplicate_ids_are_an_error_at_publish(ray_local, defects, tmp_path, backend):
     """The one defect only a whole run finds (in the label files, before publish)."""
     root = alone(defects, "dup.parquet", tmp_path)
     out = tmp_path / "e"
     with pytest.raises(InputError, match=r"duplicate ids: 7 rows repeat an id already seen"):
-        run(fast_config(input=str(root), output=str(out), k=3))
+        run(fast_config(input=str(root), output=str(out), k=3, backend=backend))
     assert not (out / "_SUCCESS").exists()
 
 
-def test_skip_counts_every_defect(ray_local, defects, tmp_path, monkeypatch):
+@BACKENDS
+def test_skip_counts_every_defect(ray_local, defects, tmp_path, monkeypatch, backend):
     """All defects in one input, one run with skip: each counted under its reason, each
     unusable file listed; output + skipped = input, and the labels' ids are unique."""
 
@@ -133,7 +138,9 @@ def test_skip_counts_every_defect(ray_local, defects, tmp_path, monkeypatch):
     assert 0 < corrupt < 300
     survivors = {i for b in batches for i in b.ids.to_pylist()}
     monkeypatch.setattr(run_module, "make_plan", planner)
-    m = run(fast_config(input=str(defects), output=str(tmp_path / "s"), k=3, on_bad_rows="skip"))
+    out = str(tmp_path / "s")
+    m = run(fast_config(input=str(defects), output=out, k=3, on_bad_rows="skip", backend=backend))
+    assert m["backend"]["name"] == backend
     rows = m["rows"]
     assert rows["skipped"]["by_reason"] == {
         "corrupt or truncated file": corrupt,

@@ -29,7 +29,9 @@ from pseudolabel.ops.stats import PartialStats, partial_stats
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.plan import ReadSettings
 from pseudolabel.pipelines.io.skips import report_skips
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.roster import LOCAL_NODE
 from pseudolabel.pipelines.runtime.session import limit_threads
 
 log = logging.getLogger("pseudolabel")
@@ -122,7 +124,7 @@ class ResidentRows:
             raise self.error
         return {
             "rows": len(self.x),
-            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+            "node": ray.get_runtime_context().get_node_id() if calls.on_ray() else LOCAL_NODE,
             "pid": os.getpid(),
             "threads": faiss.omp_get_max_threads(),
             "device": self.spec.device,

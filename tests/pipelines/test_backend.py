@@ -1,0 +1,155 @@
+"""The in-process backend (--backend local): the stages of a run on Ray, with no Ray.
+
+Its output is compared with a run on the suite's Ray in the same test: the same rows,
+columns and labels. Where it is chosen (``choose_backend``) is checked case by case,
+and a fresh interpreter shows that a small job starts no Ray at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pseudolabel.pipelines.config import RunConfig
+from pseudolabel.pipelines.runtime import session
+from pseudolabel.pipelines.runtime.session import choose_backend
+from tests.pipelines.conftest import cli
+
+ROWS, DIM = 100_000, 16
+
+
+def test_auto_runs_in_this_process_unless_something_asks_for_ray(monkeypatch):
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(session, "memory_limit", lambda: 64 * ROWS * DIM * 4)
+    base = RunConfig(input="in", output="out", k=8)
+    backend, why = choose_backend(base, ROWS, DIM, 4)
+    assert backend == "local" and "no cluster was given" in why
+    for change, reason in [
+        ({"ray_address": "auto"}, "a Ray cluster was given"),
+        ({"algorithm": "minibatch"}, "mini-batch"),
+        ({"gpus_per_worker": 1.0}, "--gpus-per-worker"),
+        ({"workers": 2}, "--workers"),
+        ({"ray_num_cpus": 2}, "--ray-num-cpus"),
+        ({"backend": "ray"}, "--backend ray"),
+    ]:
+        backend, why = choose_backend(dataclasses.replace(base, **change), ROWS, DIM, 4)
+        assert backend == "ray" and reason in why, change
+    # Rows over a quarter of the memory: Ray's workers (on a cluster, or embedded).
+    backend, why = choose_backend(base, 17 * ROWS, DIM, 4)
+    assert backend == "ray" and "over 0.25 of the" in why
+    assert (
+        choose_backend(dataclasses.replace(base, backend="local"), 17 * ROWS, DIM, 4)[0] == "local"
+    )
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as under `ray job submit`
+    assert choose_backend(base, ROWS, DIM, 4) == ("ray", "a Ray cluster was given")
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: True)  # a notebook's Ray
+    assert choose_backend(base, ROWS, DIM, 4)[0] == "ray"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("--algorithm", "minibatch"), "--backend local runs Lloyd only"),
+        (("--ray-address", "auto"), "--ray-address and --gpus-per-worker need --backend ray"),
+        (("--gpus-per-worker", "1"), "--ray-address and --gpus-per-worker need --backend ray"),
+    ],
+)
+def test_local_refuses_what_needs_ray(tmp_path, capsys, change, message):
+    cli("run", "--input", tmp_path, "--output", tmp_path / "o", "--backend", "local", *change,
+        code=2)  # fmt: skip
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--topk", "3", "--truth-column", "truth"),
+        ("--spherical", "--balanced", "--topk", "2"),
+        # labelled from a second read: Ray Data's streaming pass, or a worker in-process
+        ("--label-from", "stream", "--keep-columns", "truth"),
+    ],
+    ids=["plain", "spherical-balanced", "second-read"],
+)
+def test_in_process_labels_are_the_ray_labels(ray_local, small_dataset, tmp_path, flags):
+    """The same flags on Ray and in this process (here while the suite's Ray is up:
+    --backend local does not use it) give the same rows, columns and labels."""
+    root, _, _ = small_dataset
+    tables, manifests = {}, {}
+    for backend in ("ray", "local"):
+        out = tmp_path / backend
+        # The balanced duals sum the workers' column sums: another split rounds them
+        # otherwise (~1e-3 relative here), which moves near-tied second choices. So
+        # that run is compared with one worker on Ray, as in this process.
+        workers = ("--workers", "1") if "--balanced" in flags else ()
+        manifests[backend] = cli("run", "--input", root, "--output", out, "--iterations", "4",
+                                 "--backend", backend, *flags, *workers)  # fmt: skip
+        assert manifests[backend]["backend"]["name"] == backend
+        tables[backend] = pq.read_table(out / "labels").sort_by("id")
+    local, on_ray = manifests["local"], manifests["ray"]
+    assert "ray" not in local and local["fit"]["workers"] == 1
+    assert "ray_start" not in local["timings"] and on_ray["ray"]["cpus"] == 2
+    assert on_ray["fit"]["workers"] == (1 if "--balanced" in flags else 2)
+    assert local["label"]["nodes"] == 1 and local["label"]["devices"] == ["cpu"]
+    second_read = "stream" in flags
+    assert local["label"]["source"] == ("reread" if second_read else "workers")
+    assert on_ray["label"]["source"] == ("stream" if second_read else "workers")
+    got, want = tables["local"], tables["ray"]
+    assert got.schema == want.schema and got.num_rows == 6000
+    for name in got.column_names:
+        if name in ("distance", "cosine", "topk_distances", "topk_probs"):
+            a, b = (np.stack(t.column(name).to_numpy(zero_copy_only=False)) for t in (got, want))
+            # probabilities: exp(-d / eps) magnifies the distances' rounding by 1 / eps
+            atol = 1e-3 if name == "topk_probs" else 1e-5
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
+        else:
+            assert got.column(name).equals(want.column(name)), name
+    assert local["clusters"]["sizes"] == on_ray["clusters"]["sizes"]
+    assert local["clusters"].get("nearest") == on_ray["clusters"].get("nearest")
+    inertia = [[r["inertia"] for r in m["fit"]["history"]] for m in (local, on_ray)]
+    np.testing.assert_allclose(*inertia, rtol=1e-6)  # the same loop: float64 sums
+
+
+SCRIPT = """
+import json, sys
+import ray
+import pseudolabel
+
+result = pseudolabel.run(sys.argv[1], sys.argv[2], k=6, iterations=5, truth_column="truth")
+print(json.dumps({"ray": ray.is_initialized(), "backend": result.manifest["backend"]}))
+"""
+
+
+def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
+    """In a fresh interpreter, ``pseudolabel.run`` and ``pseudolabel label`` run in it:
+    Ray is never initialised, no raylet is started, and the label command's labels of
+    the run's centroids are the run's labels."""
+    root, _, _ = small_dataset
+    env_python = sys.executable
+    done = subprocess.run([env_python, "-c", SCRIPT, str(root), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["ray"] is False and said["backend"]["name"] == "local"
+    assert "no cluster was given" in said["backend"]["why"]
+    relabel = subprocess.run(
+        [env_python, "-m", "pseudolabel", "label", "--input", str(root), "--output",
+         str(tmp_path / "relabel"), "--centroids", str(tmp_path / "run"), "--truth-column",
+         "truth"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert relabel.returncode == 0, relabel.stderr[-3000:]
+    assert "backend: in this process, no Ray" in relabel.stdout
+    manifest = json.loads((tmp_path / "relabel" / "manifest.json").read_text())
+    assert manifest["backend"]["name"] == "local" and manifest["label"]["source"] == "reread"
+    fitted, again = (
+        pq.read_table(tmp_path / d / "labels").sort_by("id") for d in ("run", "relabel")
+    )
+    assert again.column("label").equals(fitted.column("label"))
+    assert again.column("truth").equals(fitted.column("truth"))
