@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench.minibatch",
     "bench.label",
     "bench.job",
+    "bench.job --data patches --k 256 --iterations 20",
     "bench.balanced",
     "bench.storage",
     "bench.row_groups",

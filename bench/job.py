@@ -1,6 +1,7 @@
 """The whole job, parquet in to parquet labels out, against a plain faiss script.
 
     python -m bench.job [--rows 1000000] [--dim 128] [--k 1024] [--iterations 10] [--rounds 2]
+    python -m bench.job --data patches --k 256 --iterations 20     # real data: 133,140 x 192
 
 Each side is a fresh process timed from launch to exit, in alternating rounds:
 
@@ -11,6 +12,9 @@ Each side is a fresh process timed from launch to exit, in alternating rounds:
   Ray); ``ray``, the same on an embedded Ray (``--backend ray``: Ray's start and actors,
   the fit's workers label the rows they hold); ``stream``, on Ray with ``--label-from
   stream`` (a Ray Data pass reads the input again).
+
+The data: the benchmarks' Gaussian mixture (--rows x --dim), or real data (--data
+patches: the 8 x 8 RGB patches of two photographs, ``bench.common.image_patches``).
 
 Reported: the median time of each, their ratios to plain's, and each side's objective
 (the labelled rows' summed squared distances) as a ratio to plain's.
@@ -26,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import OUT, dataset, save, size_parser
+from bench.common import OUT, dataset, image_patches, save, size_parser
 
 SIDES = ("plain", "local", "ray", "stream")
 # Each pseudolabel side: its flags, and the backend and label source its manifest shows.
@@ -93,8 +97,10 @@ def main() -> None:
     p = size_parser(rows=1_000_000, dim=128, k=1024)
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--data", choices=("mixture", "patches"), default="mixture")
     a = p.parse_args()
-    root, _ = dataset(a.rows, a.dim)
+    root, x = image_patches() if a.data == "patches" else dataset(a.rows, a.dim)
+    a.rows, a.dim = x.shape
     runs: dict[str, list[tuple[float, float]]] = {s: [] for s in SIDES}
     for r in range(a.rounds):
         for name in SIDES:
@@ -106,7 +112,7 @@ def main() -> None:
     median = {s: statistics.median(t for t, _ in runs[s]) for s in SIDES}
     objective = {s: statistics.median(o for _, o in runs[s]) for s in SIDES}
     results = {
-        "rows": a.rows, "dim": a.dim, "k": a.k, "iterations": a.iterations,
+        "data": a.data, "rows": a.rows, "dim": a.dim, "k": a.k, "iterations": a.iterations,
         "seconds": {s: [round(t, 2) for t, _ in runs[s]] for s in SIDES},
         "objective": objective,
     }  # fmt: skip
@@ -122,7 +128,7 @@ def main() -> None:
     results["workers_to_stream"] = round(median["ray"] / median["stream"], 3)
     print(f"in this process: x{results['local_to_ray']} of the same run on Ray")
     print(f"on Ray, --label-from workers: x{results['workers_to_stream']} of stream's time")
-    print(f"saved {save('job', results)}")
+    print(f"saved {save('job' if a.data == 'mixture' else f'job-{a.data}', results)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.bounds import DriftBounds, bounded_partial_stats
 from pseudolabel.ops.sampling import cluster_samples, row_keys, smallest
 from pseudolabel.ops.scores import sq_distances_from_search
-from pseudolabel.ops.stats import PartialStats, partial_stats
+from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 
 STRATEGIES = ("random", "closest")
 
@@ -128,6 +128,8 @@ class ArrayData:
         rows: np.ndarray | None = None,
     ):
         self.x = normalize_rows(x) if metric == "ip" else x
+        if sums_want_torch(x.size):
+            import torch  # noqa: F401  (the sums' index_add_: ops.stats.accumulate_sums)
         self.metric = metric
         self.batch_rows = batch_rows
         self.seed = seed

@@ -224,7 +224,7 @@ def init_state(
             centroids = normalize_rows(centroids)
     else:
         init = resolve_init(params.init, params.k)
-        size = init_sample_size(init, params.k, data.count())
+        size = init_sample_size(init, params.k, data.count(), data.dim())
         sample = data.sample(min(size, max_sample or size), params.seed)
         if len(sample) < params.k:  # rows were left out as bad, or there are too few
             raise ValueError(f"k={params.k} exceeds the {len(sample)} rows to seed from")

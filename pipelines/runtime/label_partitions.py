@@ -16,7 +16,6 @@ whose size does not grow with the rows:
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import ray
 
@@ -37,6 +36,8 @@ def partition_count(rows: int) -> int:
 def _id_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 hashes of integer or string ids (pandas' vectorised hash)."""
     values = ids.to_numpy() if isinstance(ids, pa.ChunkedArray) else ids.to_numpy(False)
+    import pandas as pd  # 0.16 s to import: only where ids are hashed
+
     return pd.util.hash_array(values)
 
 

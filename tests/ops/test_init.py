@@ -32,9 +32,11 @@ def test_random_init_distinct_rows():
 def test_resolve_init():
     assert resolve_init("auto", 10) == "kmeans++"
     assert resolve_init("auto", 100_000) == "random"
-    assert init_sample_size("random", 8, 1000) == 8
-    assert init_sample_size("kmeans++", 8, 100) == 100
-    assert init_sample_size("kmeans++", 32, 10**9) == 2**24 // 32  # small k: work budget
-    assert init_sample_size("kmeans++", 2048, 10**9) == 16 * 2048  # large k: 16 per centroid
+    assert init_sample_size("random", 8, 1000, 16) == 8
+    assert init_sample_size("kmeans++", 8, 100, 16) == 100
+    # small k: the work budget of rows x centroids x dims, whatever the shape
+    assert init_sample_size("kmeans++", 32, 10**9, 64) == 2**22 * 192 // (32 * 64)
+    assert init_sample_size("kmeans++", 256, 10**9, 192) == 2**14
+    assert init_sample_size("kmeans++", 2048, 10**9, 128) == 16 * 2048  # 16 per centroid
     with pytest.raises(ValueError):
         resolve_init("bogus", 3)

@@ -122,14 +122,15 @@ import ray
 import pseudolabel
 
 result = pseudolabel.run(sys.argv[1], sys.argv[2], k=6, iterations=5, truth_column="truth")
-print(json.dumps({"ray": ray.is_initialized(), "backend": result.manifest["backend"]}))
+said = {"ray": ray.is_initialized(), "torch": "torch" in sys.modules}
+print(json.dumps({**said, "backend": result.manifest["backend"]}))
 """
 
 
 def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
     """In a fresh interpreter, ``pseudolabel.run`` and ``pseudolabel label`` run in it:
-    Ray is never initialised, no raylet is started, and the label command's labels of
-    the run's centroids are the run's labels."""
+    Ray is never initialised (nor torch loaded), and the label command's labels of the
+    run's centroids are the run's labels."""
     root, _, _ = small_dataset
     env_python = sys.executable
     done = subprocess.run([env_python, "-c", SCRIPT, str(root), str(tmp_path / "run")],
@@ -137,6 +138,7 @@ def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     said = json.loads(done.stdout.strip().splitlines()[-1])
     assert said["ray"] is False and said["backend"]["name"] == "local"
+    assert said["torch"] is False  # a worker this small sums with numpy (ops.stats)
     assert "no cluster was given" in said["backend"]["why"]
     relabel = subprocess.run(
         [env_python, "-m", "pseudolabel", "label", "--input", str(root), "--output",

@@ -25,7 +25,7 @@ from pseudolabel.ops.dataset import labelled_stats
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.kmeans import reduce_slice
 from pseudolabel.ops.sampling import row_keys, smallest
-from pseudolabel.ops.stats import PartialStats, partial_stats
+from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.plan import ReadSettings
 from pseudolabel.pipelines.io.skips import report_skips
@@ -49,13 +49,15 @@ class ResidentRows:
 
     def __init__(self, source, settings: ReadSettings, spec: WorkerSpec, ledger=None):
         limit_threads(spec.threads)
-        # torch (the float64 scatter-add) loads in ~1 s, several on a busy host: load it
-        # while the rows load and the driver seeds. The driver waits for it (warm) before
-        # the first step, so that --task-timeout bounds steps, not torch's load.
+        # torch (the float64 scatter-add, ops.stats) loads in 1.6-2 s, more on a busy
+        # host: a worker of many values loads it while the rows load and the driver
+        # seeds; the driver waits for it (warm) before the first step, so that
+        # --task-timeout bounds steps, not torch's load. A small one never loads it.
         self._imports = threading.Thread(
             target=importlib.import_module, args=("torch",), daemon=True
         )
-        self._imports.start()
+        if sums_want_torch(source.size() * settings.dim):
+            self._imports.start()
         # The device is picked here, where the GPU is (or is not): see usable_device.
         self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
         self.settings = settings
@@ -116,7 +118,8 @@ class ResidentRows:
 
     def warm(self) -> bool:
         """Once every background import (torch) has loaded."""
-        self._imports.join()
+        if self._imports.is_alive():
+            self._imports.join()
         return True
 
     def info(self) -> dict:
