@@ -340,10 +340,13 @@ def _label(
         if reread:
             log.info("label: in this process, on a second read of the input")
         else:
+            who = f"{len(workers.actors)} workers, which hold"
+            if not calls.on_ray():
+                who = "worker in this process, which holds"
             log.info(
-                "label: on the fit's %d workers, which hold every row (no second read of "
-                "the input; --label-from stream reads it again)",
-                len(workers.actors),
+                "label: on the fit's %s every row (no second read of the input; "
+                "--label-from stream reads it again)",
+                who,
             )
         batch_rows = config.label_batch_rows
         workers.write_labels(centroids.url, config.k, spec, staging, batch_rows, roster)
