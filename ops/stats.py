@@ -191,10 +191,10 @@ def _bincount_sums(x: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> None:
     block of rows, summing in float64 in row order."""
     k, d = sums.shape
     cells = np.arange(d)
-    flat = sums.reshape(-1)
     for sl in iter_chunks(len(x), _BINCOUNT_ROWS):
         index = (np.asarray(labels[sl], np.int64)[:, None] * d + cells).ravel()
-        flat += np.bincount(index, weights=np.asarray(x[sl]).ravel(), minlength=k * d)
+        weights = np.asarray(x[sl]).ravel()
+        sums += np.bincount(index, weights=weights, minlength=k * d).reshape(k, d)
 
 
 def partial_stats(

@@ -511,6 +511,7 @@ class LabelConfig:
     max_restarts: int = _as_in_run("max_restarts")
     startup_timeout: float = _as_in_run("startup_timeout")
     task_timeout: float = _as_in_run("task_timeout")
+    backend: str = _as_in_run("backend")
     ray_address: str | None = _as_in_run("ray_address")
     ray_num_cpus: int | None = _as_in_run("ray_num_cpus")
     storage_options: dict = _as_in_run("storage_options")  # noqa: RUF009 (a field, factory)

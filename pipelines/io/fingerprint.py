@@ -38,7 +38,7 @@ OPERATIONAL = frozenset(
         "max_restarts",
         "startup_timeout",
         "task_timeout",
-        "backend",  # the same labels in this process and on Ray (test_backend.py)
+        "backend",  # as "workers": the same fit, balanced duals to rounding (test_backend)
         "ray_address",
         "ray_num_cpus",
         "storage_options",

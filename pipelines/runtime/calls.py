@@ -13,31 +13,33 @@ the timeouts that bound a cluster's answers never start.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import ray
 
-_in_process = False  # set by ``in_process``: a run of --backend local is under way
+# Set by ``in_process`` while a run of --backend local is under way in this thread (a
+# context variable: a run on Ray in another thread of the process is not affected).
+_in_process = contextvars.ContextVar("pseudolabel_in_process", default=False)
 
 
 @contextmanager
 def in_process() -> Iterator[None]:
     """Within it, actors and tasks run in this process, even where a Ray session is up
     (``--backend local`` from a notebook that uses Ray)."""
-    global _in_process
-    previous, _in_process = _in_process, True
+    token = _in_process.set(True)
     try:
         yield
     finally:
-        _in_process = previous
+        _in_process.reset(token)
 
 
 def on_ray() -> bool:
     """True inside a Ray session (the driver of a run on Ray, or one of its actors),
     outside ``in_process``."""
-    return not _in_process and ray.is_initialized()
+    return not _in_process.get() and ray.is_initialized()
 
 
 class Done:

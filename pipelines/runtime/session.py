@@ -105,11 +105,48 @@ def memory_limit() -> int:
 
 
 def local_cpus() -> int:
-    """The CPUs this process may run on."""
+    """The CPUs this process may use: those it may run on, fewer under a cgroup's CPU
+    quota (a container's CPU limit, whole CPUs, at least one: as Ray counts them)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),  # v2: "quota period", or "max period"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file is not None:
+                with open(period_file) as f:
+                    fields.append(f.read().strip())
+            quota, period = fields[0], fields[1]
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, max(1, int(quota) // int(period)))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return cpus
+
+
+@contextmanager
+def _thread_settings_kept() -> Iterator[None]:
+    """Put back what an in-process worker's ``limit_threads`` sets: OMP_NUM_THREADS,
+    faiss's threads, the BLAS and OpenMP pools (a notebook keeps its own)."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    env, faiss_threads = os.environ.get("OMP_NUM_THREADS"), faiss.omp_get_max_threads()
+    with threadpool_limits(limits=None):  # restores the pools' limits on exit
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(faiss_threads)
+            if env is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env
 
 
 @contextmanager
@@ -120,7 +157,7 @@ def run_session(config: RunConfig, backend: str) -> Iterator[dict[str, float]]:
         with ray_session(config) as resources:
             yield resources
         return
-    with calls.in_process():
+    with calls.in_process(), _thread_settings_kept():
         yield {"CPU": float(local_cpus())}
 
 

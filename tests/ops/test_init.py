@@ -36,6 +36,7 @@ def test_resolve_init():
     assert init_sample_size("kmeans++", 8, 100, 16) == 100
     # small k: the work budget of rows x centroids x dims, whatever the shape
     assert init_sample_size("kmeans++", 32, 10**9, 64) == 2**22 * 192 // (32 * 64)
+    assert init_sample_size("kmeans++", 8, 10**9, 2) == 2**22 * 192 // (8 * 64)  # O(rows)
     assert init_sample_size("kmeans++", 256, 10**9, 192) == 2**14
     assert init_sample_size("kmeans++", 2048, 10**9, 128) == 16 * 2048  # 16 per centroid
     with pytest.raises(ValueError):

@@ -7,7 +7,9 @@ and a fresh interpreter shows that a small job starts no Ray at all."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +55,20 @@ def test_auto_runs_in_this_process_unless_something_asks_for_ray(monkeypatch):
     assert choose_backend(base, ROWS, DIM, 4)[0] == "ray"
 
 
+def test_local_cpus_follow_a_containers_quota(monkeypatch):
+    """A pod limited to 1.5 CPUs on a large node computes with one thread, not all."""
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/sys/fs/cgroup/cpu.max":
+            return io.StringIO("150000 100000\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(session.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(session, "open", fake_open, raising=False)
+    assert session.local_cpus() == 1
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -77,11 +93,19 @@ def test_local_refuses_what_needs_ray(tmp_path, capsys, change, message):
     ],
     ids=["plain", "spherical-balanced", "second-read"],
 )
-def test_in_process_labels_are_the_ray_labels(ray_local, small_dataset, tmp_path, flags):
+def test_in_process_labels_are_the_ray_labels(
+    ray_local, small_dataset, tmp_path, flags, monkeypatch
+):
     """The same flags on Ray and in this process (here while the suite's Ray is up:
     --backend local does not use it) give the same rows, columns and labels."""
+    import faiss
+
     root, _, _ = small_dataset
     tables, manifests = {}, {}
+    # The caller's own thread settings (a notebook's), which the local run must put back.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    caller = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     for backend in ("ray", "local"):
         out = tmp_path / backend
         # The balanced duals sum the workers' column sums: another split rounds them
@@ -92,6 +116,10 @@ def test_in_process_labels_are_the_ray_labels(ray_local, small_dataset, tmp_path
                                  "--backend", backend, *flags, *workers)  # fmt: skip
         assert manifests[backend]["backend"]["name"] == backend
         tables[backend] = pq.read_table(out / "labels").sort_by("id")
+    # The in-process worker used both cores; the caller's settings are put back.
+    threads = os.environ.get("OMP_NUM_THREADS"), faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(caller)
+    assert threads == ("1", 1)
     local, on_ray = manifests["local"], manifests["ray"]
     assert "ray" not in local and local["fit"]["workers"] == 1
     assert "ray_start" not in local["timings"] and on_ray["ray"]["cpus"] == 2
@@ -143,7 +171,7 @@ def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
     relabel = subprocess.run(
         [env_python, "-m", "pseudolabel", "label", "--input", str(root), "--output",
          str(tmp_path / "relabel"), "--centroids", str(tmp_path / "run"), "--truth-column",
-         "truth"],
+         "truth", "--backend", "auto"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert relabel.returncode == 0, relabel.stderr[-3000:]

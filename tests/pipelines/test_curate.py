@@ -36,8 +36,13 @@ def curate_args(root, out, levels: str, strategy: str = "random") -> list[str]:
 def test_curate(ray_local, long_tail, tmp_path, strategy, capsys):
     root, truth = long_tail
     out = tmp_path / "cur"
-    code = main(curate_args(root, out, "60,12,4", strategy))
+    # "closest" runs in this process (--backend local): level 1 and the selection's
+    # partitioned pick without Ray, while the suite's Ray is up.
+    backend = ["--backend", "local"] if strategy == "closest" else []
+    code = main(curate_args(root, out, "60,12,4", strategy) + backend)
     assert code == 0
+    level1 = json.loads((out / "level1" / "manifest.json").read_text())
+    assert level1["backend"]["name"] == ("local" if backend else "ray")
     table = pq.read_table(out / "selection")
     ids = table.column("id").to_numpy()
     assert len(ids) == 2000 == len(np.unique(ids))  # the sample size, each id once

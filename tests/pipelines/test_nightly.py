@@ -26,17 +26,18 @@ def nights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_nights(ray_local, nights):
-    """The nightly command line on the 21st, then on the 22nd: (first, second) manifests."""
-    return nightly(nights, "2026-11-21"), nightly(nights, "2026-11-22")
+    """The nightly command line on the 21st on Ray, then on the 22nd in this process
+    (--backend local: the warm start and the drift join without Ray): their manifests."""
+    return nightly(nights, "2026-11-21"), nightly(nights, "2026-11-22", "--backend", "local")
 
 
-def nightly(root, run_date: str) -> dict:
+def nightly(root, run_date: str, *flags: str) -> dict:
     """The nightly job's command line: {date} and {previous_date} filled from --run-date."""
     cli(
         "run", "--input", f"{root}/emb/date={{previous_date}}/",
         "--output", f"{root}/runs/{{date}}/", "--k", "6",
         "--init-centroids", f"{root}/runs/{{previous_date}}/centroids.npy",
-        "--previous-run", f"{root}/runs/{{previous_date}}/", "--run-date", run_date,
+        "--previous-run", f"{root}/runs/{{previous_date}}/", "--run-date", run_date, *flags,
     )  # fmt: skip
     return json.loads((root / "runs" / run_date / "manifest.json").read_text())
 
@@ -48,6 +49,7 @@ def test_two_nights(nights, two_nights):
     assert first["drift"]["missing"] is True
     assert (nights / "runs" / "2026-11-21" / "_SUCCESS").exists()
 
+    assert first["backend"]["name"] == "ray" and second["backend"]["name"] == "local"
     assert second["fit"]["init"] == "given"  # warm start from last night's centroids
     drift = second["drift"]
     assert drift["previous_run"].endswith("runs/2026-11-21")

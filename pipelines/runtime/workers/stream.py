@@ -28,6 +28,8 @@ class StreamWorker:
 
     def __init__(self, split, column: str, dim: int, spec: WorkerSpec):
         limit_threads(spec.threads)
+        import torch  # noqa: F401  (its index_add_ sums every batch: ops.stats)
+
         self.stream, self.column, self.dim = split, column, dim
         self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
         self._batches = None
