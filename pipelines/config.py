@@ -129,7 +129,9 @@ class RunConfig:
         metavar="FILE",
     )
     score_cache_gb: float = _opt(
-        4.0, "per worker: cache the sample's Sinkhorn scores under this size, else recompute"
+        4.0,
+        "per worker (in process: per CPU): cache the sample's Sinkhorn scores under this "
+        "size, else recompute",
     )
     topk: int = _opt(0, "also write the M nearest labels and distances per row", metavar="M")
     resampling_steps: int = _opt(

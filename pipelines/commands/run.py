@@ -291,7 +291,11 @@ def _balance(
     if workers is None:
         workers = ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
     try:
-        result, info = run_balance(config, workers, centroids, q, warm)
+        # In process one worker holds every row: it gets the caches of the Ray workers
+        # it stands in for (one per CPU), or the Sinkhorn sample's scores would not fit
+        # and every step would score the sample again (SeLa's k = 3000 did, 2026-11-25).
+        stand_in = 1 if calls.on_ray() else sizing.worker_threads or 1
+        result, info = run_balance(config, workers, centroids, q, warm, stand_in)
         save_balance(output.root, ckpt, result, key)
     except BaseException:
         workers.shutdown()
@@ -306,7 +310,7 @@ def _reread(config: RunConfig, plan: Plan, spec: WorkerSpec, ledger) -> Resident
     settings = config.read_settings(plan, label_pass=True)
     if config.spherical:
         settings = dataclasses.replace(settings, dtype="float32")
-    spec = dataclasses.replace(spec, label_columns=True)
+    spec = dataclasses.replace(spec, label_columns=True, steps=False)
     return ResidentShards.from_plan(plan, settings, spec, 1, ledger)
 
 

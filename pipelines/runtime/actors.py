@@ -36,6 +36,9 @@ class WorkerSpec:
     # --label-from workers: a resident worker also holds each row's id and pass-through
     # columns, to write the rows' labels itself (``workers.labels``).
     label_columns: bool = False
+    # False for a worker that only labels (a second read in process): it takes no k-means
+    # step, so it never loads torch for the steps' sums (ops.stats).
+    steps: bool = True
 
     @classmethod
     def of(cls, config: RunConfig, sizing: Sizing) -> WorkerSpec:

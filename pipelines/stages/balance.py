@@ -69,13 +69,16 @@ def run_balance(
     centroids: np.ndarray,
     q: np.ndarray,
     warm: np.ndarray | None = None,
+    cache_workers: int = 1,
 ) -> tuple[BalancedDuals, dict]:
-    """Solve for the column potentials on the workers that hold the rows."""
+    """Solve for the column potentials on the workers that hold the rows. Each worker
+    caches scores up to --score-cache-gb times ``cache_workers``: the Ray workers that
+    one in-process worker stands in for (one per CPU), whose caches it holds alone."""
     t0 = time.perf_counter()
     n = data.count()
     sample = config.balance_sample * config.k
     fraction = 1.0 if not sample or sample >= n else sample / n
-    cache_bytes = config.score_cache_gb * 2**30
+    cache_bytes = config.score_cache_gb * 2**30 * cache_workers
     shards = BalanceShards(data, centroids, cache_bytes, fraction, seed=config.seed)
     # A sample whose rows, scores and kernel fit DRIVER_SOLVE_BYTES (and the score cache
     # allowed) is solved on the driver: a step is then local arithmetic, not a round

@@ -38,10 +38,12 @@ def test_auto_runs_in_this_process_unless_something_asks_for_ray(monkeypatch):
         ({"gpus_per_worker": 1.0}, "--gpus-per-worker"),
         ({"workers": 2}, "--workers"),
         ({"ray_num_cpus": 2}, "--ray-num-cpus"),
+        ({"balanced": True, "k": 3000}, "the balance scores 3e+08 cells"),  # 100k x 3000
         ({"backend": "ray"}, "--backend ray"),
     ]:
         backend, why = choose_backend(dataclasses.replace(base, **change), ROWS, DIM, 4)
         assert backend == "ray" and reason in why, change
+    assert choose_backend(dataclasses.replace(base, balanced=True), ROWS, DIM, 4)[0] == "local"
     # Rows over a quarter of the memory: Ray's workers (on a cluster, or embedded).
     backend, why = choose_backend(base, 17 * ROWS, DIM, 4)
     assert backend == "ray" and "over 0.25 of the" in why
@@ -183,3 +185,17 @@ def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
     )
     assert again.column("label").equals(fitted.column("label"))
     assert again.column("truth").equals(fitted.column("truth"))
+
+
+def test_the_in_process_worker_caches_what_the_ray_workers_would(dominant, tmp_path):
+    """One worker in process holds the Sinkhorn sample that Ray splits over a worker per
+    CPU, so its score cache is theirs summed (--score-cache-gb per CPU): a sample whose
+    scores fit the Ray workers' caches is cached in process too, not scored each step."""
+    root, _, _ = dominant
+    # Every one of the 8,000 rows is sampled (800 per cluster): scores and kernel take
+    # 2 x 8000 x 10 x 4 = 640 kB, over one budget of 0.0004 GiB (429 kB), under two.
+    m = cli("run", "--input", root, "--output", tmp_path / "o", "--k", "10", "--balanced",
+            "--balance-sample", "800", "--score-cache-gb", "0.0004",
+            "--backend", "local")  # fmt: skip
+    assert m["balance"]["sample_rows"] == 8000 and m["balance"]["sinkhorn_on"] == "workers"
+    assert m["balance"]["score_cache"] == [True]

@@ -56,7 +56,7 @@ class ResidentRows:
         self._imports = threading.Thread(
             target=importlib.import_module, args=("torch",), daemon=True
         )
-        if sums_want_torch(source.size() * settings.dim):
+        if spec.steps and sums_want_torch(source.size() * settings.dim):
             self._imports.start()
         # The device is picked here, where the GPU is (or is not): see usable_device.
         self.spec = dataclasses.replace(spec, device=usable_device(spec.device))
