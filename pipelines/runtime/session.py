@@ -55,7 +55,8 @@ LOCAL_MEMORY_SHARE = 0.25
 # this. The balance's steps are numpy on each worker's rows: one worker in process runs
 # them on one core, Ray's worker per CPU in parallel. Measured on 2 cores (2026-11-25):
 # 191,715 x 3000 cells (SeLa's setting scaled) balanced in 298 s in process, 234 s on
-# Ray; 64,218 x 1000 in 30-31 s in process, a whole run still faster than on Ray.
+# Ray; 64,218 x 1000 in 30-31 s in process (whole runs 50.5-54.1 s; 58.0 s on Ray the
+# day before, balance 23.4 s).
 LOCAL_BALANCE_CELLS = 2**28
 
 
