@@ -1,6 +1,6 @@
 """``report.html``: the run at a glance, for people. One self-contained file (plots are
-PNG data URIs, no script, no fetch), so it can be copied out of a bucket and opened
-anywhere.
+inline SVG drawn by ``commands.charts``; no script, no fetch), so it can be copied out of
+a bucket and opened anywhere.
 
 Sections: the summary; time per stage; the objective per iteration; cluster sizes
 (balanced against nearest-centroid); the largest and smallest clusters (size, mean
@@ -17,9 +17,7 @@ first PROJECTED_ROWS input rows, and k x SHOWN_CLUSTERS distances between centre
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pseudolabel.pipelines.commands.charts import GREY, PALETTE, Panel, svg
 from pseudolabel.pipelines.commands.summary import text_summary
 from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, REPORT, RunOutput, load_npy
 from pseudolabel.pipelines.io.storage import resolve
@@ -48,7 +47,7 @@ pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:.9em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td.text,th.text{text-align:left}
-img{max-width:100%} .note{color:#666;font-size:.9em}
+figure{margin:1em 0} svg{max-width:100%;height:auto} .note{color:#666;font-size:.9em}
 """
 
 
@@ -71,8 +70,8 @@ def _table(header: list[str], rows: list[list[Any]], text_columns: tuple[int, ..
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _img(title: str, png: str) -> str:
-    return f"<img alt='{_esc(title)}' src='data:image/png;base64,{png}'>"
+def _figure(chart: str) -> str:
+    return f"<figure>{chart}</figure>"
 
 
 def _note(text: str) -> str:
@@ -88,131 +87,90 @@ def _fmt(v: Any) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _integer_x(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
 def _objective(history: list[dict], algorithm: str) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.plot([h["iteration"] for h in history], [h["inertia"] for h in history], marker="o")
-    ax.set(
-        xlabel="iteration" if algorithm != "minibatch" else "epoch",
-        ylabel="inertia (sum of squared distances)",
-        title="Objective",
+    panel = Panel(
+        "Objective",
+        "iteration" if algorithm != "minibatch" else "epoch",
+        "inertia (sum of squared distances)",
+        integer_x=True,
     )
-    _integer_x(ax)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    x = [h["iteration"] for h in history]
+    return svg(panel.add("line", x, [h["inertia"] for h in history], markers=True))
 
 
 def _sizes(clusters: dict) -> str:
     """Sizes sorted from largest to smallest, one line per labelling: the rank plot
     shows the long tail of plain k-means and the flat line of balanced labels."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    panel = Panel("Cluster sizes", "cluster, largest first", "rows", integer_x=True)
     series = [("balanced" if "nearest" in clusters else "label", clusters["sizes"])]
     if "nearest" in clusters:
         series.append(("nearest centroid", clusters["nearest"]["sizes"]))
     for name, sizes in series:
         ranked = np.sort(np.asarray(sizes))[::-1]
-        ax.plot(np.arange(1, len(ranked) + 1), ranked, label=name)
-    ax.axhline(sum(clusters["sizes"]) / clusters["k"], color="k", lw=1, ls="--", label="n / k")
-    ax.set(xlabel="cluster, largest first", ylabel="rows", title="Cluster sizes")
-    _integer_x(ax)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _png(fig)
+        panel.add("line", np.arange(1, len(ranked) + 1), ranked, label=name)
+    mean = sum(clusters["sizes"]) / clusters["k"]
+    return svg(panel.add("hline", None, mean, label="n / k", colour="#000", dashed=True))
 
 
 def _timings(timings: dict[str, float]) -> str:
-    plt = _pyplot()
     stages = [(k, v) for k, v in timings.items() if k != "total"]
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 + 0.35 * len(stages)))
-    ax.barh([k for k, _ in stages][::-1], [v for _, v in stages][::-1])
-    ax.set(xlabel="seconds", title="Time per stage")
-    ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    panel = Panel("Time per stage", "seconds", categories=[k for k, _ in stages])
+    return svg(panel.add("hbars", None, [v for _, v in stages]), height=70 + 26 * len(stages))
+
+
+def _histogram(panel: Panel, values: np.ndarray, bins: int) -> Panel:
+    counts, edges = np.histogram(values[np.isfinite(values)], bins=bins)
+    return panel.add("bars", edges, counts)
 
 
 def _histograms(sample: pa.Table) -> str:
     """Distance to the label's centroid and, with top-m, the margin between the first
     and second centre: rows near a boundary have a small margin."""
-    plt = _pyplot()
     margins = None
     if "topk_distances" in sample.column_names and sample.num_rows:
         # Sorted: balanced top-m lists are ordered by the balanced score, not distance.
         d = np.sort(np.stack(sample.column("topk_distances").to_numpy(zero_copy_only=False)), 1)
         margins = d[:, 1] - d[:, 0] if d.shape[1] > 1 else None
-    panels = 2 if margins is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.4 if panels == 1 else 10, 3.2), squeeze=False)
-    axes[0, 0].hist(sample.column("distance").to_numpy(), bins=50)
-    axes[0, 0].set(xlabel="distance to the label's centroid", ylabel="rows", title="Distances")
+    distances = np.asarray(sample.column("distance").to_numpy(), np.float64)
+    panels = [_histogram(Panel("Distances", "distance to the label's centroid", "rows"),
+                         distances, 50)]  # fmt: skip
     if margins is not None:
-        axes[0, 1].hist(margins, bins=50)
-        axes[0, 1].set(
-            xlabel="second smallest minus smallest distance in the top m",
-            ylabel="rows",
-            title="Top-m margin",
-        )
-    return _png(fig)
+        title = "second smallest minus smallest distance in the top m"
+        panels.append(_histogram(Panel("Top-m margin", title, "rows"), margins, 50))
+    return svg(panels, width=640 if len(panels) == 1 else 500)
 
 
 def _projection(x: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> str:
     """PCA to 2-D of the sample (SVD of the centred rows); the largest clusters in
     colour, the others grey."""
-    plt = _pyplot()
     centred = x - x.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     xy = centred @ vt[:2].T
-    fig, ax = plt.subplots(figsize=(6.4, 5))
+    panel = Panel(f"{len(x)} input rows, PCA", "PC 1", "PC 2")
     top = np.argsort(sizes)[::-1][:COLOURED_CLUSTERS]
     rest = ~np.isin(labels, top)
-    ax.scatter(xy[rest, 0], xy[rest, 1], s=4, c="#bbbbbb", label="other clusters")
-    for j in top:
+    panel.add("points", xy[rest, 0], xy[rest, 1], label="other clusters", colour=GREY)
+    for i, j in enumerate(top):
         mine = labels == j
         if mine.any():
-            ax.scatter(xy[mine, 0], xy[mine, 1], s=5, label=f"cluster {j}")
-    ax.set(xlabel="PC 1", ylabel="PC 2", title=f"{len(x)} input rows, PCA")
-    ax.legend(fontsize=7, markerscale=2, loc="best")
-    return _png(fig)
+            panel.add("points", xy[mine, 0], xy[mine, 1], label=f"cluster {j}",
+                      colour=PALETTE[i % len(PALETTE)])  # fmt: skip
+    return svg(panel, height=500)
 
 
 def _sinkhorn(balance: dict) -> str:
-    plt = _pyplot()
     stages = balance["sinkhorn"]["stages"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     steps = np.cumsum([s["iterations"] for s in stages])
-    axes[0].semilogy(steps, [s["marginal_error"] for s in stages], marker="o")
-    axes[0].axhline(balance["sinkhorn"]["tol"], color="k", lw=1, ls="--", label="--sinkhorn-tol")
-    axes[0].set(xlabel="Sinkhorn steps", ylabel="cluster-size L1 error", title="Sinkhorn")
-    axes[0].legend()
+    errors = Panel("Sinkhorn", "Sinkhorn steps", "cluster-size L1 error", log_y=True)
+    errors.add("line", steps, [s["marginal_error"] for s in stages], markers=True)
+    errors.add("hline", None, balance["sinkhorn"]["tol"], label="--sinkhorn-tol",
+               colour="#000", dashed=True)  # fmt: skip
+    passes = Panel("Size corrections", "pass", "rows off target, largest", integer_x=True)
     history = balance["sizes"].get("history", [])
     if history:
-        axes[1].plot([h["pass"] for h in history], [h["max_rows"] for h in history], marker="o")
-        _integer_x(axes[1])
-    axes[1].set(xlabel="pass", ylabel="rows off target, largest", title="Size corrections")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    return _png(fig)
+        passes.add("line", [h["pass"] for h in history], [h["max_rows"] for h in history],
+                   markers=True)  # fmt: skip
+    return svg([errors, passes], width=500)
 
 
 def _drift(manifest: dict, centroids: np.ndarray, storage_options: dict) -> str:
@@ -221,16 +179,10 @@ def _drift(manifest: dict, centroids: np.ndarray, storage_options: dict) -> str:
     drift = manifest["drift"]
     previous = load_npy(resolve(drift["previous_run"], storage_options).join(CENTROIDS))
     shift = matched_shifts(previous, centroids, match_centroids(previous, centroids)[0])
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.hist(shift, bins=40)
-    ax.set(
-        xlabel="distance moved by a matched centroid",
-        ylabel="centroids",
-        title=f"Drift: {100 * drift['label_changed_fraction']:.2f}% of "
-        f"{drift['shared_ids']} shared ids changed label",
-    )
-    return _png(fig)
+    title = (f"Drift: {100 * drift['label_changed_fraction']:.2f}% of "
+             f"{drift['shared_ids']} shared ids changed label")  # fmt: skip
+    panel = Panel(title, "distance moved by a matched centroid", "centroids")
+    return svg(_histogram(panel, np.asarray(shift, np.float64), 40))
 
 
 # ----------------------------------------------------------------------------- data
@@ -347,14 +299,14 @@ def render(output: RunOutput, manifest: dict[str, Any], storage_options: dict) -
             [[k, f"{v:.2f}"] for k, v in timings.items()],
             text_columns=(0,),
         ),
-        _img("Time per stage", _timings(timings)),
+        _figure(_timings(timings)),
     ]
     if fit["history"]:
         body += [
             "<h2>Objective</h2>",
-            _img("Objective", _objective(fit["history"], fit["algorithm"])),
+            _figure(_objective(fit["history"], fit["algorithm"])),
         ]
-    body += ["<h2>Cluster sizes</h2>", _img("Cluster sizes", _sizes(clusters))]
+    body += ["<h2>Cluster sizes</h2>", _figure(_sizes(clusters))]
     rows = cluster_rows(manifest, centroids, sample)
     header = [
         "",
@@ -374,12 +326,12 @@ def render(output: RunOutput, manifest: dict[str, Any], storage_options: dict) -
         ),
     ]
     if sample.num_rows:
-        body += ["<h2>Distances</h2>", _img("Distances", _histograms(sample))]
+        body += ["<h2>Distances</h2>", _figure(_histograms(sample))]
     try:
         x, labels = projected_sample(manifest, output, centroids, storage_options)
         body += [
             "<h2>Projection</h2>",
-            _img("Projection", _projection(x, labels, np.asarray(clusters["sizes"]))),
+            _figure(_projection(x, labels, np.asarray(clusters["sizes"]))),
             _note("Rows from the start of the input, labelled with the run's centroids."),
         ]
     except Exception as e:  # the input may be gone or changed: the report still stands
@@ -387,12 +339,12 @@ def render(output: RunOutput, manifest: dict[str, Any], storage_options: dict) -
         body += ["<h2>Projection</h2>", _note(f"Not drawn: the input could not be read ({e}).")]
     balance = manifest.get("balance")
     if balance and "sinkhorn" in balance:
-        body += ["<h2>Balancing</h2>", _img("Balancing", _sinkhorn(balance))]
+        body += ["<h2>Balancing</h2>", _figure(_sinkhorn(balance))]
     drift = manifest.get("drift")
     if drift and not drift.get("missing"):
         body += [
             "<h2>Drift</h2>",
-            _img("Drift", _drift(manifest, centroids, storage_options)),
+            _figure(_drift(manifest, centroids, storage_options)),
             _note(
                 f"Against {drift['previous_run']}: {100 * drift['label_changed_fraction']:.2f}% "
                 f"of {drift['shared_ids']} shared ids changed label."
