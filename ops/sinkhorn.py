@@ -45,6 +45,10 @@ OMEGA = 1.8
 ABSORB_LOG = 30.0  # absorb v into beta once |log v| exceeds this
 UNDERFLOW = -80.0  # kernel entries below e^-80 are set to zero, not left denormal
 DEFAULT_EPSILON = 0.005  # relative to the standard deviation of the scores
+# A step reads the cached kernel twice, K v then K^T u, a chunk of rows at a time: chunks
+# of CACHE_BYTES stay in cache between the two reads (64k x 1000: 16.6 ms a step against
+# 28.7 ms in chunks of 8192 rows, the same sums; measured 2026-11-25).
+CACHE_BYTES = 2 << 20
 # The potential of a column with target 0: finite (JSON, float32), and far enough below
 # any score that the column is never a row's label and its kernel entries underflow to 0.
 EXCLUDED = -1e30
@@ -120,7 +124,8 @@ class RowBlock:
     def column_sums(self, v: np.ndarray) -> np.ndarray:
         v32 = v.astype(np.float32)
         total = np.zeros(len(v))
-        for sl in iter_chunks(len(self.x), self.chunk_rows):
+        rows = self.chunk_rows if self.K is None else cached_chunk_rows(len(v))
+        for sl in iter_chunks(len(self.x), rows):
             K = self.K[sl] if self.K is not None else self._kernel(self._scores(sl))
             u = (self.row_mass / (K @ v32).astype(np.float64)).astype(np.float32)
             total += blocked_column_sums(K, u)
@@ -132,6 +137,12 @@ class RowBlock:
         for sl in iter_chunks(len(self.x), self.chunk_rows):
             out[sl] = (self._scores(sl) + beta.astype(np.float32)[None, :]).argmax(axis=1)
         return out
+
+
+def cached_chunk_rows(k: int) -> int:
+    """Rows of a (rows, k) float32 chunk of CACHE_BYTES, a multiple of 16 (the blocks of
+    ``blocked_column_sums``), at least 16."""
+    return max(16, CACHE_BYTES // (4 * k) // 16 * 16)
 
 
 def blocked_column_sums(K: np.ndarray, u: np.ndarray, block: int = 16) -> np.ndarray:

@@ -167,3 +167,12 @@ def test_blocked_column_sums_meet_the_float32_partial_sum_bound():
     got = blocked_column_sums(K, u)
     assert got.dtype == np.float64
     assert np.max(np.abs(got - exact) / exact) <= bound
+
+
+def test_cached_kernel_chunks_fit_the_cache_in_whole_blocks():
+    from pseudolabel.ops.sinkhorn import CACHE_BYTES, cached_chunk_rows
+
+    for k in (2, 12, 1000, 3000, 10**6):
+        rows = cached_chunk_rows(k)
+        assert rows % 16 == 0 and rows >= 16
+        assert rows * k * 4 <= CACHE_BYTES or rows == 16
