@@ -99,6 +99,11 @@ class _Bar:
         if self._bar is not None:
             self.update(value - self._bar.n, **postfix)
 
+    def reach(self, value: float) -> None:
+        """Move to ``value`` unless already past it (counted by other means meanwhile)."""
+        if self._bar is not None and value > self._bar.n:
+            self.update(value - self._bar.n)
+
 
 @contextmanager
 def bar(total: float | None, desc: str, unit: str = "it") -> Iterator[_Bar]:

@@ -8,7 +8,8 @@ its actors are plain objects whose methods run when called, and a call's result 
 worker pool goes through here, so it is one code for both backends.
 
 In this process a call runs when it is made, so ``wait`` finds every result ready and
-the timeouts that bound a cluster's answers never start.
+the timeouts that bound a cluster's answers never start; a stage's progress bar moves
+as the worker's own loops report (``reporting``, ``progressed``), not as calls return.
 """
 
 from __future__ import annotations
@@ -34,6 +35,32 @@ def in_process() -> Iterator[None]:
         yield
     finally:
         _in_process.reset(token)
+
+
+# The update of the progress bar of the stage under way, while an in-process worker's
+# calls run: ``reporting``. Never set in a Ray worker, where ``progressed`` does nothing.
+_progress: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "pseudolabel_progress", default=None
+)
+
+
+@contextmanager
+def reporting(update: Callable[[int], None]) -> Iterator[None]:
+    """Within it, an in-process worker's ``progressed(n)`` calls ``update(n)``: a call
+    made here runs at once, so the bar would otherwise jump from empty to full."""
+    token = _progress.set(update)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def progressed(units: int) -> None:
+    """A worker's loop has done ``units`` more rows: an in-process run's bar moves (on
+    Ray the driver moves its bar as the calls return)."""
+    update = _progress.get()
+    if update is not None:
+        update(units)
 
 
 def on_ray() -> bool:

@@ -126,10 +126,18 @@ class ResidentShards:
     ):
         self.settings, self.spec, self.reduce = settings, spec, reduce
         ledger = as_argument(ledger)
-        self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger) for s in sources]
         sizes = [s.size() for s in sources]
-        with progress.bar(sum(sizes), "load", "row") as bar:
-            self.infos = wait_ready(self.actors, spec, lambda i: bar.update(sizes[i]))
+        with progress.bar(sum(sizes), "load", "row") as bar, calls.reporting(bar.update):
+            # In this process a worker loads as it starts, counting its batches.
+            self.actors = [start_actor(ShardWorker, spec, s, settings, spec, ledger)
+                           for s in sources]  # fmt: skip
+            ready = []  # on Ray a worker's rows count once it is ready
+
+            def on_ready(i: int) -> None:
+                ready.append(sizes[i])
+                bar.reach(sum(ready))
+
+            self.infos = wait_ready(self.actors, spec, on_ready)
         self._warm = False  # torch loaded in every worker (``warm_up``)
 
     def warm_up(self) -> None:
@@ -217,18 +225,18 @@ class ResidentShards:
         by file. It fails once no file was written for as long as a step may take, or a
         worker's rebuild (--startup-timeout), whichever is longer."""
         options, who = self.settings.storage_options, as_argument(roster)
-        refs = []
-        for i, (actor, info) in enumerate(zip(self.actors, self.infos, strict=True)):
-            for lo in range(0, info["rows"], FILE_ROWS):
-                target = staging.join(f"w{i:05d}-{lo // FILE_ROWS:05d}.parquet")
-                hi = min(lo + FILE_ROWS, info["rows"])
-                call = actor.write_labels.remote(
-                    centroids, spec, options, target, (lo, hi, info["rows"]), batch_rows, who
-                )
-                refs.append(call)
         stall = max(self.timeout(k), self.spec.startup_timeout)
-        pending, written = list(refs), 0
-        with progress.bar(self.count(), "label", "row") as bar:
+        with progress.bar(self.count(), "label", "row") as bar, calls.reporting(bar.update):
+            refs = []  # in this process each call runs here, its batches moving the bar
+            for i, (actor, info) in enumerate(zip(self.actors, self.infos, strict=True)):
+                for lo in range(0, info["rows"], FILE_ROWS):
+                    target = staging.join(f"w{i:05d}-{lo // FILE_ROWS:05d}.parquet")
+                    hi = min(lo + FILE_ROWS, info["rows"])
+                    call = actor.write_labels.remote(
+                        centroids, spec, options, target, (lo, hi, info["rows"]), batch_rows, who
+                    )
+                    refs.append(call)
+            pending, written = list(refs), 0
             while pending:
                 done, pending = calls.wait(pending, num_returns=1, timeout=stall)
                 if not done:

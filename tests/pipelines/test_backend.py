@@ -199,3 +199,44 @@ def test_the_in_process_worker_caches_what_the_ray_workers_would(dominant, tmp_p
             "--backend", "local")  # fmt: skip
     assert m["balance"]["sample_rows"] == 8000 and m["balance"]["sinkhorn_on"] == "workers"
     assert m["balance"]["score_cache"] == [True]
+
+
+def test_in_process_bars_move_as_the_worker_loads_and_labels(small_dataset, tmp_path, monkeypatch):
+    """In this process a call runs at once, so the load and label bars move with the
+    worker's own batches (``calls.progressed``), not in one jump at the end: 12 row
+    groups loaded, 6,000 rows labelled in batches of 1,000, each bar ending full."""
+    from contextlib import contextmanager
+
+    from pseudolabel.pipelines import progress
+
+    moves: dict[str, list[float]] = {}
+
+    class Recorder(progress._Bar):
+        def __init__(self, desc):
+            super().__init__(None)
+            self.n, self.desc = 0.0, desc
+
+        def update(self, n=1, **postfix):
+            if n:
+                self.n += n
+                moves[self.desc].append(self.n)
+
+        def set(self, value, **postfix):
+            self.update(value - self.n)
+
+        def reach(self, value):
+            if value > self.n:
+                self.update(value - self.n)
+
+    @contextmanager
+    def bar(total, desc, unit="it"):
+        moves[desc] = []
+        yield Recorder(desc)
+
+    monkeypatch.setattr(progress, "bar", bar)
+    root, _, _ = small_dataset
+    m = cli("run", "--input", root, "--output", tmp_path / "o", "--k", "6", "--iterations",
+            "3", "--label-batch-rows", "1000", "--backend", "local")  # fmt: skip
+    assert m["backend"]["name"] == "local" and m["label"]["source"] == "workers"
+    assert moves["load"][-1] == 6000 and len(moves["load"]) >= 12
+    assert moves["label"] == [1000, 2000, 3000, 4000, 5000, 6000]

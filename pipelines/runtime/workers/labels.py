@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.storage import Location
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.labelling import ArraySource, LabelSpec, RowLabeler
 from pseudolabel.pipelines.runtime.roster import join_roster
 
@@ -67,6 +68,7 @@ class LabelRole:
             table = labeler.label(self.x[lo:hi], self.columns.slice(lo, hi - lo))
             writer = writer or pq.ParquetWriter(sink, table.schema)
             writer.write_table(table)
+            calls.progressed(hi - lo)
         if writer is not None:
             writer.close()
             target.write_bytes(sink.getvalue().to_pybytes())

@@ -81,6 +81,7 @@ class ResidentRows:
             raise ValueError("label_columns needs every row: a sampled worker cannot label")
         for batch in source.batches(self.settings):
             report_skips(ledger, batch)
+            calls.progressed(len(batch.x))
             if self.spec.label_columns and len(batch.x):
                 columns.append(pa.table({"id": batch.ids, **batch.extra}))
             bx, brows = batch.x, batch.rows
