@@ -3,12 +3,18 @@
     python -m bench.label [--rows 1000000] [--dim 128] [--k 1024]
 
 Plain loop: for each shard, pyarrow read -> faiss search (all cores) -> pyarrow write of
-id, label, distance. pseudolabel: the Ray Data pass of ``pseudolabel run`` (read,
-Labeler actor pool, write to staging), sized as the CLI sizes it. Ray start-up excluded.
+id, label, distance. pseudolabel, two ways:
+* in this process: ``pseudolabel label --backend local`` with the same centroids, as a
+  user runs it on data that fits (one worker reads every row, validated, and labels
+  them into staging): its manifest's label stage (the read included), and the whole
+  command (plan, verification, publish and report too);
+* on Ray: the Ray Data pass of ``pseudolabel run`` (read, Labeler actor pool, write to
+  staging), sized as the CLI sizes it, Ray start-up excluded, cold then warm.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -19,6 +25,7 @@ import ray
 
 from bench.common import OUT, dataset, save, size_parser, start_ray, timer
 from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.pipelines.cli import main as cli_main
 from pseudolabel.pipelines.config import build
 from pseudolabel.pipelines.io.layout import npy_bytes
 from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
@@ -58,6 +65,16 @@ def main() -> None:
     with timer(r, "plain_loop"):
         assert plain_loop(root, centroids, work / "plain") == a.rows
 
+    # In this process, before Ray starts (``--backend local`` would run so beside it too).
+    np.save(work / "centroids-local.npy", centroids)
+    argv = ["-q", "label", "--input", str(root), "--output", str(work / "local"),
+            "--centroids", str(work / "centroids-local.npy"), "--backend", "local"]  # fmt: skip
+    with timer(r, "local_command"):
+        assert cli_main(argv) == 0
+    manifest = json.loads((work / "local" / "manifest.json").read_text())
+    assert manifest["label"]["source"] == "reread" and manifest["rows"]["output"] == a.rows
+    r["local"] = manifest["timings"]["label"]
+
     r["ray_start"] = start_ray(os.cpu_count())
     config = build(input=str(root), output=str(work / "ours"), k=a.k)
     sizing = size_pools(config, ray.cluster_resources())
@@ -81,6 +98,9 @@ def main() -> None:
         written = pq.read_table(work / name, columns=["label"]).num_rows
         assert written == a.rows, written
     r["label_workers"] = sizing.label_workers
+    r["local_rows_per_s"] = a.rows / r["local"]
+    r["local_time_ratio"] = r["local"] / r["plain_loop"]
+    r["local_command_ratio"] = r["local_command"] / r["plain_loop"]
     r["ours_rows_per_s"] = a.rows / r["ours"]
     r["plain_rows_per_s"] = a.rows / r["plain_loop"]
     r["time_ratio"] = r["ours"] / r["plain_loop"]
@@ -89,6 +109,12 @@ def main() -> None:
     print(
         f"  plain loop (read, faiss, write)   {r['plain_loop']:6.2f} s  "
         f"{r['plain_rows_per_s']:,.0f} rows/s"
+    )
+    print(
+        f"  pseudolabel in this process       {r['local']:6.2f} s  "
+        f"{r['local_rows_per_s']:,.0f} rows/s  (its label stage)  "
+        f"time x{r['local_time_ratio']:.3f}; the whole command {r['local_command']:.2f} s, "
+        f"x{r['local_command_ratio']:.3f}"
     )
     print(
         f"  pseudolabel Ray Data pass         {r['ours']:6.2f} s  "

@@ -177,8 +177,10 @@ class KMeans:
     ``ray.data.Dataset`` with an embedding column, or a URL of parquet or .npy shards (as
     ``pseudolabel run`` reads them). On a Dataset or a URL the rows are fitted on worker
     actors (ShardWorkers that hold them, or StreamWorkers for mini-batch), exactly as
-    ``pseudolabel run`` fits them; an embedded local Ray
-    is started for a URL when none is running.
+    ``pseudolabel run`` fits them. For a URL ``backend`` ("auto", "local" or "ray", as
+    --backend) says where: "auto" fits a URL whose rows fit comfortably in memory in
+    this process, with no Ray, as ``pseudolabel run`` would; otherwise it uses the
+    running Ray, or starts an embedded one.
 
     Parameters mirror the command line: ``n_clusters`` (--k), ``algorithm``,
     ``max_iter`` (--iterations), ``tol``, ``spherical``, ``init`` ("auto", "kmeans++",
@@ -216,6 +218,7 @@ class KMeans:
         cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0,
         storage_options: dict | None = None,
+        backend: str = "auto",
     ):
         self.n_clusters = n_clusters
         self.algorithm = algorithm
@@ -233,6 +236,7 @@ class KMeans:
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
         self.storage_options = storage_options
+        self.backend = backend
 
     def _config(self, input: str = "") -> RunConfig:
         """These parameters as run settings (the one config source)."""
@@ -255,6 +259,7 @@ class KMeans:
             cpus_per_worker=self.cpus_per_worker,
             gpus_per_worker=self.gpus_per_worker,
             storage_options=dict(self.storage_options or {}),
+            backend=self.backend,
         )
         return config.validate(paths=False)
 
@@ -342,13 +347,15 @@ class KMeans:
 
     def _fit_url(self, url: str, config: RunConfig) -> None:
         from pseudolabel.pipelines.io.plan import make_plan
-        from pseudolabel.pipelines.runtime.session import ray_session
+        from pseudolabel.pipelines.runtime.session import choose_backend, run_session
 
         plan = make_plan(config.input, config.read_settings())  # {date} filled in
         if self.n_clusters > plan.total_rows:
             raise InputError(f"n_clusters {self.n_clusters} exceeds the {plan.total_rows} rows")
-        with ray_session(config) as resources:
-            self._fit_on_workers(config, resources, plan=plan)
+        itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
+        backend, _ = choose_backend(config, plan.total_rows, plan.dim, itemsize)
+        with run_session(config, backend) as resources:
+            self._fit_on_workers(config, resources, plan=plan, backend=backend)
 
     def _fit_dataset(self, dataset: Any, config: RunConfig) -> None:
         import ray
@@ -359,7 +366,9 @@ class KMeans:
         config = dataclasses.replace(config, embedding_column=column)
         self._fit_on_workers(config, ray.cluster_resources(), dataset=(dataset, dim, value_type))
 
-    def _fit_on_workers(self, config: RunConfig, resources: dict, plan=None, dataset=None):
+    def _fit_on_workers(
+        self, config: RunConfig, resources: dict, plan=None, dataset=None, backend: str = "ray"
+    ):
         if self.balanced and config.algorithm != "lloyd":
             raise ConfigError("balanced=True on a Dataset or URL needs algorithm='lloyd'")
         from pseudolabel.pipelines.runtime.actors import WorkerSpec
@@ -370,7 +379,7 @@ class KMeans:
         from pseudolabel.pipelines.stages.balance import run_balance
         from pseudolabel.pipelines.stages.fit import fit_on_workers, start_workers
 
-        sizing = size_pools(config, resources)
+        sizing = size_pools(config, resources, backend)
         spec = WorkerSpec.of(config, sizing)
         if plan is not None:
             data = start_workers(config, plan, config.read_settings(plan), spec, sizing.workers)

@@ -76,20 +76,22 @@ def nice_ticks(lo: float, hi: float, count: int = TICKS, integer: bool = False) 
     if integer:
         step = max(1.0, round(step))
     first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    count = int((hi - first) / step + 1e-9) + 1
+    return [float(f"{first + i * step:.12g}") for i in range(count)]  # 0.6, not 0.6000000001
 
 
 def tick_texts(values: list[float]) -> list[str]:
-    """Short tick labels (0.5, 250, 1.25e+05), each with the fewest digits that still
-    read back as its value (ticks are round numbers)."""
-    return [
-        next((t for digits in range(2, 8) if _reads_back(t := _number(v, digits), v)), str(v))
-        for v in values
-    ]
-
-
-def _reads_back(text: str, v: float) -> bool:
-    return abs(float(text) - v) <= 1e-9 * max(abs(v), 1e-300)
+    """Short tick labels (0.5, 250, 1.25e+05): the fewest significant digits that keep
+    the labels apart and read back as their values to a millionth of the step."""
+    gaps = np.diff(np.asarray(values, np.float64))
+    step = float(gaps.min()) if gaps.size and gaps.min() > 0 else max(abs(values[0]), 1.0)
+    for digits in range(2, 13):
+        texts = [_number(v, digits) for v in values]
+        if len(set(texts)) == len(texts) and all(
+            abs(float(t) - v) <= 1e-6 * step for t, v in zip(texts, values, strict=True)
+        ):
+            return texts
+    return [repr(v) for v in values]
 
 
 def _number(v: float, digits: int) -> str:
@@ -109,8 +111,9 @@ class _Scale:
     def __init__(self, lo: float, hi: float, log: bool = False):
         self.log = log
         self.lo, self.hi = (math.log10(lo), math.log10(hi)) if log else (lo, hi)
-        if self.hi <= self.lo:  # one value: centre it
-            self.lo, self.hi = self.lo - 0.5, self.hi + 0.5
+        if self.hi <= self.lo:  # one value: centre it, widened by 5% of it (or by 0.5)
+            margin = 0.5 if log else max(0.05 * abs(self.lo), 0.5)
+            self.lo, self.hi = self.lo - margin, self.hi + margin
 
     def place(self, a: float, b: float) -> None:
         """Map onto pixels [a, b] (b < a for a y axis: pixels grow downwards)."""
@@ -123,9 +126,12 @@ class _Scale:
     def ticks(self, integer: bool = False) -> list[float]:
         if not self.log:
             return nice_ticks(self.lo, self.hi, integer=integer)
-        # Powers of ten; 2 and 5 times them too where the axis spans under three decades.
-        steps = (1, 2, 5) if self.hi - self.lo < 3 else (1,)
-        decades = range(math.floor(self.lo), math.ceil(self.hi) + 1)
+        # Powers of ten; 2 and 5 times them too where the axis spans under three decades,
+        # every few decades where it spans many.
+        span = self.hi - self.lo
+        steps = (1, 2, 5) if span < 3 else (1,)
+        every = max(1, math.ceil(span / 2 / TICKS))
+        decades = range(math.floor(self.lo), math.ceil(self.hi) + 1, every)
         ticks = [m * 10.0**e for e in decades for m in steps]
         ticks = [t for t in ticks if self.lo - 1e-9 <= math.log10(t) <= self.hi + 1e-9]
         if len(ticks) < 3:  # a fraction of a decade: round values, as on a linear axis
@@ -149,16 +155,19 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
     """One panel's elements, its box starting at x = ``left``."""
     out: list[str] = []
     plotted = [s for s in p.series if s.kind != "hline"]
+    hist = any(s.kind == "bars" for s in plotted)
+    if hist and p.log_y:
+        raise ValueError("histogram bars start at 0: they need a linear y axis")
     if p.categories is not None:
-        top = max((float(s.y.max()) for s in plotted), default=1.0)
-        xs = _Scale(0.0, max(top, 1e-12) * 1.05)
+        values = np.concatenate([s.y for s in plotted]) if plotted else np.zeros(0)
+        top = float(np.max(values[np.isfinite(values)], initial=0.0))
+        xs = _Scale(0.0, (top if top > 0 else 1.0) * 1.05)
         ys = _Scale(-0.5, len(p.categories) - 0.5)
         names = p.categories
     else:
-        hist = any(s.kind == "bars" for s in plotted)
         xs = _Scale(*_extent([s.x for s in plotted], False, 0 if hist else 0.03))
         lo, hi = _extent([s.y for s in p.series], p.log_y, 0.05)
-        ys = _Scale(0.0 if hist else lo, hi, p.log_y)
+        ys = _Scale(0.0, max(hi, 1.0), False) if hist else _Scale(lo, hi, p.log_y)
         names = tick_texts(ys.ticks())
     # Room on the left for the longest tick label or category, and the axis label.
     margin_l = (22 if p.ylabel else 6) + 8 + CHAR_WIDTH * max(map(len, names), default=1)
@@ -190,7 +199,10 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
         dash = " stroke-dasharray='5 3'" if s.dashed else ""
         if s.kind in ("line", "points"):  # a point without a place on the axes is left out
             shown = np.isfinite(s.x) & np.isfinite(s.y) & ((s.y > 0) if p.log_y else True)
-            xy = list(zip(xs(s.x[shown]), ys(s.y[shown]), strict=True))
+            px, py = xs(s.x[shown]), ys(s.y[shown])
+            if s.kind == "line":
+                px, py = _thin(px, py)
+            xy = list(zip(px, py, strict=True))
         if s.kind == "line":
             pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
             out.append(f"<polyline class='line' points='{pts}' fill='none' stroke='{colour}' "
@@ -209,9 +221,12 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
         elif s.kind == "hbars":
             half = 0.35 * (float(ys(1)) - float(ys(0)))
             out += [f"<rect class='bar' x='{x0}' y='{float(ys(j)) - half:.1f}' "
-                    f"width='{float(xs(v)) - x0:.1f}' height='{2 * half:.1f}' fill='{colour}'/>"
-                    for j, v in enumerate(s.y)]  # fmt: skip
+                    f"width='{max(float(xs(v)) - x0, 0.0):.1f}' height='{2 * half:.1f}' "
+                    f"fill='{colour}'/>"
+                    for j, v in enumerate(s.y) if np.isfinite(v)]  # fmt: skip
         elif s.kind == "hline":
+            if not np.isfinite(s.y[0]) or (p.log_y and s.y[0] <= 0):
+                continue  # no place on this axis
             y = float(ys(s.y[0]))
             out.append(f"<line x1='{x0}' y1='{y:.1f}' x2='{x1}' y2='{y:.1f}' stroke='{colour}'"
                        f"{dash}/>")  # fmt: skip
@@ -229,6 +244,23 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
         out.append(f"<text transform='translate({left + 12},{cy:.1f}) rotate(-90)' "
                    f"text-anchor='middle'>{escape(p.ylabel)}</text>")  # fmt: skip
     return out
+
+
+def _thin(px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A line of many points drawn left to right (cluster sizes at large k) as at most
+    four a pixel column, its first, last, lowest and highest there, in order: the same
+    picture in a bounded page (a vertex per cluster at k = 65,536 wrote 1.5 MB of SVG)."""
+    if len(px) <= 4 * (float(px[-1] - px[0]) + 1) or np.any(np.diff(px) < 0):
+        return px, py  # few enough, or not drawn left to right
+    column = np.floor(px - px[0]).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    ends = np.r_[starts[1:], len(px)]
+    keep = set()
+    for a, b in zip(starts, ends, strict=True):
+        part = py[a:b]
+        keep.update((a, b - 1, a + int(np.argmin(part)), a + int(np.argmax(part))))
+    picked = np.array(sorted(keep))
+    return px[picked], py[picked]
 
 
 def _legend(entries: list[tuple[str, str, str]], right: float) -> list[str]:

@@ -135,8 +135,8 @@ def _histograms(sample: pa.Table) -> str:
     panels = [_histogram(Panel("Distances", "distance to the label's centroid", "rows"),
                          distances, 50)]  # fmt: skip
     if margins is not None:
-        title = "second smallest minus smallest distance in the top m"
-        panels.append(_histogram(Panel("Top-m margin", title, "rows"), margins, 50))
+        xlabel = "second smallest minus smallest distance in the top m"
+        panels.append(_histogram(Panel("Top-m margin", xlabel, "rows"), margins, 50))
     return svg(panels, width=640 if len(panels) == 1 else 500)
 
 

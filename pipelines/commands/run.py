@@ -291,11 +291,7 @@ def _balance(
     if workers is None:
         workers = ResidentShards.from_plan(plan, settings, spec, sizing.workers, ledger)
     try:
-        # In process one worker holds every row: it gets the caches of the Ray workers
-        # it stands in for (one per CPU), or the Sinkhorn sample's scores would not fit
-        # and every step would score the sample again (SeLa's k = 3000 did, 2026-11-25).
-        stand_in = 1 if calls.on_ray() else sizing.worker_threads or 1
-        result, info = run_balance(config, workers, centroids, q, warm, stand_in)
+        result, info = run_balance(config, workers, centroids, q, warm)
         save_balance(output.root, ckpt, result, key)
     except BaseException:
         workers.shutdown()

@@ -222,8 +222,9 @@ class ResidentShards:
         """Each worker labels the rows it holds into files of at most FILE_ROWS rows under
         ``staging`` (``workers.labels``): ``centroids`` (a URL of k centres) with ``spec``
         (a ``runtime.labelling.LabelSpec``). Returns the rows written; the bar moves file
-        by file. It fails once no file was written for as long as a step may take, or a
-        worker's rebuild (--startup-timeout), whichever is longer."""
+        by file on Ray, batch by batch in this process. It fails once no file was
+        written for as long as a step may take, or a worker's rebuild
+        (--startup-timeout), whichever is longer."""
         options, who = self.settings.storage_options, as_argument(roster)
         stall = max(self.timeout(k), self.spec.startup_timeout)
         with progress.bar(self.count(), "label", "row") as bar, calls.reporting(bar.update):
@@ -242,7 +243,7 @@ class ResidentShards:
                 if not done:
                     raise unanswered(len(pending), len(refs), "their rows' labels", stall)
                 written += calls.get(done[0])
-                bar.set(written)
+                bar.reach(written)  # in this process the batches have counted already
         return written
 
     def shutdown(self) -> None:

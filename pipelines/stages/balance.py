@@ -24,6 +24,7 @@ from pseudolabel.pipelines.config import RunConfig
 from pseudolabel.pipelines.errors import ConfigError
 from pseudolabel.pipelines.io.layout import CENTROIDS, DUALS, MANIFEST, load_npy
 from pseudolabel.pipelines.io.storage import Location, resolve
+from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.balance import BalanceShards
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 
@@ -69,16 +70,18 @@ def run_balance(
     centroids: np.ndarray,
     q: np.ndarray,
     warm: np.ndarray | None = None,
-    cache_workers: int = 1,
 ) -> tuple[BalancedDuals, dict]:
     """Solve for the column potentials on the workers that hold the rows. Each worker
-    caches scores up to --score-cache-gb times ``cache_workers``: the Ray workers that
-    one in-process worker stands in for (one per CPU), whose caches it holds alone."""
+    caches scores up to --score-cache-gb; in this process the one worker caches that
+    times its threads, for the Ray workers (one per CPU) it stands in for: else the
+    Sinkhorn sample's scores would not fit and every step would score the sample again
+    (SeLa's k = 3000 did, 2026-11-25)."""
     t0 = time.perf_counter()
     n = data.count()
     sample = config.balance_sample * config.k
     fraction = 1.0 if not sample or sample >= n else sample / n
-    cache_bytes = config.score_cache_gb * 2**30 * cache_workers
+    stand_in = 1 if calls.on_ray() else data.spec.threads or 1
+    cache_bytes = config.score_cache_gb * 2**30 * stand_in
     shards = BalanceShards(data, centroids, cache_bytes, fraction, seed=config.seed)
     # A sample whose rows, scores and kernel fit DRIVER_SOLVE_BYTES (and the score cache
     # allowed) is solved on the driver: a step is then local arithmetic, not a round

@@ -151,16 +151,24 @@ import json, sys
 import ray
 import pseudolabel
 
+import numpy as np
+
 result = pseudolabel.run(sys.argv[1], sys.argv[2], k=6, iterations=5, truth_column="truth")
 said = {"ray": ray.is_initialized(), "torch": "torch" in sys.modules}
+model = pseudolabel.KMeans(6, max_iter=5).fit(sys.argv[1])
+run_centres = np.load(sys.argv[2] + "/centroids.npy")
+said["api"] = {
+    "ray": ray.is_initialized(),
+    "centres_diff": float(np.abs(model.cluster_centers_ - run_centres).max()),
+}
 print(json.dumps({**said, "backend": result.manifest["backend"]}))
 """
 
 
 def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
-    """In a fresh interpreter, ``pseudolabel.run`` and ``pseudolabel label`` run in it:
-    Ray is never initialised (nor torch loaded), and the label command's labels of the
-    run's centroids are the run's labels."""
+    """In a fresh interpreter, ``pseudolabel.run``, ``KMeans.fit(url)`` and ``pseudolabel
+    label`` run in it: Ray is never initialised (nor torch loaded), the API's centres are
+    the run's, and the label command's labels of the run's centroids are the run's."""
     root, _, _ = small_dataset
     env_python = sys.executable
     done = subprocess.run([env_python, "-c", SCRIPT, str(root), str(tmp_path / "run")],
@@ -169,6 +177,7 @@ def test_a_small_job_starts_no_ray(small_dataset, tmp_path):
     said = json.loads(done.stdout.strip().splitlines()[-1])
     assert said["ray"] is False and said["backend"]["name"] == "local"
     assert said["torch"] is False  # a worker this small sums with numpy (ops.stats)
+    assert said["api"]["ray"] is False and said["api"]["centres_diff"] < 1e-5
     assert "no cluster was given" in said["backend"]["why"]
     relabel = subprocess.run(
         [env_python, "-m", "pseudolabel", "label", "--input", str(root), "--output",
@@ -204,10 +213,12 @@ def test_the_in_process_worker_caches_what_the_ray_workers_would(dominant, tmp_p
 def test_in_process_bars_move_as_the_worker_loads_and_labels(small_dataset, tmp_path, monkeypatch):
     """In this process a call runs at once, so the load and label bars move with the
     worker's own batches (``calls.progressed``), not in one jump at the end: 12 row
-    groups loaded, 6,000 rows labelled in batches of 1,000, each bar ending full."""
+    groups loaded, 6,000 rows labelled in batches of 1,000 into files of 2,500 rows,
+    each bar only moving forward and ending full."""
     from contextlib import contextmanager
 
     from pseudolabel.pipelines import progress
+    from pseudolabel.pipelines.runtime import shards
 
     moves: dict[str, list[float]] = {}
 
@@ -234,9 +245,10 @@ def test_in_process_bars_move_as_the_worker_loads_and_labels(small_dataset, tmp_
         yield Recorder(desc)
 
     monkeypatch.setattr(progress, "bar", bar)
+    monkeypatch.setattr(shards, "FILE_ROWS", 2500)  # three label files: the bar never goes back
     root, _, _ = small_dataset
     m = cli("run", "--input", root, "--output", tmp_path / "o", "--k", "6", "--iterations",
             "3", "--label-batch-rows", "1000", "--backend", "local")  # fmt: skip
     assert m["backend"]["name"] == "local" and m["label"]["source"] == "workers"
     assert moves["load"][-1] == 6000 and len(moves["load"]) >= 12
-    assert moves["label"] == [1000, 2000, 3000, 4000, 5000, 6000]
+    assert moves["label"] == [1000, 2000, 2500, 3500, 4500, 5000, 6000]

@@ -55,7 +55,13 @@ def test_points_map_linearly_into_the_box():
         Panel("hist", "d", "rows").add("bars", np.linspace(0, 1, 6), [0, 3, 9, 2, 0]),
         Panel("a missing value", "x", "y").add("line", [1, 2, 3], [1.0, np.nan, 2.0]),
         Panel("time", "seconds", categories=["plan", "fit"]).add("hbars", None, [0.0, 0.0]),
+        Panel("no time", "seconds", categories=[]).add("hbars", None, []),
+        Panel("odd time", "seconds", categories=["a", "b"]).add("hbars", None, [np.nan, 2.0]),
         Panel("empty", "x", "y"),
+        Panel("no finite value", "d", "rows").add("bars", [0.0, 1.0], [0]),
+        Panel("forty decades", "x", "y", log_y=True)
+        .add("line", [1, 2], [1e-30, 1e10])
+        .add("hline", None, 0.0, label="not on a log axis"),
     ],
     ids=lambda p: p.title,
 )
@@ -64,6 +70,8 @@ def test_every_kind_draws_a_well_formed_picture(panel):
     assert "nan" not in text and "inf" not in text  # no coordinate lost to a bad value
     plot = ET.fromstring(text)
     assert plot.find(f"{NS}title").text == panel.title
+    ticks = [t.text for t in plot.iter(f"{NS}text") if t.get("text-anchor") == "end"]
+    assert len(ticks) == len(set(ticks)) <= 12  # distinct tick labels, not a crowd
 
 
 def test_hbars_are_as_long_as_their_values_and_named():
@@ -78,3 +86,39 @@ def test_side_by_side_panels_share_one_picture():
     panels = [Panel("a", "x").add("bars", [0, 1, 2], [1, 2]), Panel("b", "x")]
     plot = ET.fromstring(svg(panels, width=300, height=200))
     assert plot.get("width") == "600" and plot.find(f"{NS}title").text == "a / b"
+
+
+def test_a_single_value_gets_round_distinct_ticks():
+    plot = ET.fromstring(svg(Panel("one", "iteration", "inertia").add("line", [1], [1.2346e8])))
+    ticks = [t.text for t in plot.iter(f"{NS}text") if t.get("text-anchor") == "end"]
+    assert len(ticks) >= 3 and len(set(ticks)) == len(ticks)
+    assert all(len(t) <= 8 for t in ticks), ticks  # 1.2e+08, not 123456788.60000001
+
+
+def test_an_empty_histogram_draws_no_bar_height():
+    plot = ET.fromstring(svg(Panel("h", "d", "rows").add("bars", [0, 1, 2], [0, 0])))
+    assert [float(b.get("height")) for b in plot.iter(f"{NS}rect") if b.get("class") == "bar"] \
+        == [0.0, 0.0]  # fmt: skip
+
+
+def test_histograms_refuse_a_log_axis():
+    with pytest.raises(ValueError, match="linear y axis"):
+        svg(Panel("h", "d", "rows", log_y=True).add("bars", [0, 1], [3]))
+
+
+def test_a_long_line_is_thinned_to_the_same_picture():
+    """65,536 cluster sizes, largest first: a few vertices a pixel column, keeping each
+    column's extremes, so the drawn envelope is the full line's."""
+    sizes = np.sort(np.random.default_rng(0).pareto(1.5, 65536) * 100 + 1)[::-1]
+    panel = Panel("sizes", "cluster", "rows").add("line", np.arange(1, len(sizes) + 1), sizes)
+    text = svg(panel)
+    assert len(text) < 60_000
+    line = ET.fromstring(text).find(f".//{NS}polyline").get("points").split()
+    y = np.array([float(p.split(",")[1]) for p in line])
+    full = ET.fromstring(svg(Panel("s", "c", "r").add("line", [1, 65536], [sizes[0], sizes[-1]])))
+    ends = [float(p.split(",")[1]) for p in full.find(f".//{NS}polyline").get("points").split()]
+    assert (
+        len(line) < 4 * 640
+        and y.min() == pytest.approx(ends[0])
+        and y.max() == pytest.approx(ends[1])
+    )
