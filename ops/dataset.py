@@ -15,7 +15,7 @@ import numpy as np
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.bounds import DriftBounds, bounded_partial_stats
-from pseudolabel.ops.sampling import cluster_samples, row_keys, smallest
+from pseudolabel.ops.sampling import cluster_samples, epoch_batches, row_keys, smallest
 from pseudolabel.ops.scores import sq_distances_from_search
 from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 
@@ -134,8 +134,7 @@ class ArrayData:
         self.batch_rows = batch_rows
         self.seed = seed
         self.rows = np.arange(len(x), dtype=np.int64) if rows is None else rows
-        self._order: np.ndarray | None = None
-        self._cursor = 0
+        self._batches: list[np.ndarray] = []  # the epoch's batches not yet taken
         self.labels = np.full(len(x), -1, np.int32)  # of the last partial_stats, -1: none
         self.bounds = DriftBounds(self.labels)  # exact steps skip settled rows
 
@@ -163,13 +162,19 @@ class ArrayData:
         return subset
 
     def start_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(2, epoch)))
-        self._order = rng.permutation(self.count())
-        self._cursor = 0
+        """The epoch's batches of about ``batch_rows`` rows (``ops.sampling.epoch_batches``:
+        the batches of resident Ray workers holding these rows, however many)."""
+        batches = -(-self.count() // self.batch_rows)
+        self._batches = [b for b in epoch_batches(self.rows, self.seed, epoch, batches) if len(b)]
 
     def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
-        if self._order is None or self._cursor >= self.count():
+        if not self._batches:
             return None
-        rows = np.sort(self._order[self._cursor : self._cursor + self.batch_rows])
-        self._cursor += self.batch_rows
-        return partial_stats(self.x[rows], CentroidIndex(centroids, self.metric))
+        return batch_stats(self.x, self._batches.pop(0), centroids, self.metric)
+
+
+def batch_stats(
+    x: np.ndarray, positions: np.ndarray, centroids: np.ndarray, metric: str, device: str = "cpu"
+) -> PartialStats:
+    """One mini-batch's statistics: the rows of x at ``positions`` (ascending)."""
+    return partial_stats(x[positions], CentroidIndex(centroids, metric, device))

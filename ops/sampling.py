@@ -81,3 +81,16 @@ def below_thresholds(
     """Mask of the rows whose (key, row) is at most their cluster's threshold pair."""
     kt, rt = key_t[labels], row_t[labels]
     return (keys < kt) | ((keys == kt) & (rows <= rt))
+
+
+def epoch_batches(rows: np.ndarray, seed: int, epoch: int, batches: int) -> list[np.ndarray]:
+    """Mini-batch ``b`` of ``epoch`` (0 <= b < ``batches``) over rows ``rows`` (n,): the
+    positions of the rows whose epoch key falls in [b / batches, (b + 1) / batches),
+    ascending. The keys are ``row_keys`` under a seed of (seed, epoch), so a global
+    batch is the union of every worker's batch b, however the rows are split; batches
+    hold n / ``batches`` rows each on average."""
+    epoch_seed = int(np.random.SeedSequence(seed, spawn_key=(2, epoch)).generate_state(1)[0])
+    slot = np.minimum((row_keys(rows, epoch_seed) * batches).astype(np.int64), batches - 1)
+    order = np.argsort(slot, kind="stable")  # positions ascending within each batch
+    edges = np.searchsorted(slot[order], np.arange(batches + 1))
+    return [order[edges[b] : edges[b + 1]] for b in range(batches)]

@@ -192,8 +192,8 @@ class KMeans:
     a (k, d) array of initial centroids, as in scikit-learn.
 
     Fitted attributes: ``cluster_centers_`` (k, d) float32, ``inertia_`` (sum of squared
-    distances of the rows to their nearest fitted centre; for mini-batch on a Dataset or
-    URL, which is streamed, of the last epoch's batches before each update),
+    distances of the rows to their nearest fitted centre; for mini-batch streamed on Ray
+    (a Dataset, or a URL fitted on Ray), of the last epoch's batches before each update),
     ``n_iter_``, ``history_`` (one record per iteration) and, when balanced, ``duals_``
     (log v, (k,)) and ``epsilon_`` (the plan's absolute eps). ``storage_options`` reach
     fsspec when X is a URL.

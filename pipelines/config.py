@@ -282,11 +282,6 @@ class RunConfig:
             "do the fit's workers hold every row)",
         )
         _require(
-            self.backend != "local" or self.algorithm == "lloyd",
-            "--backend local runs Lloyd only (mini-batch k-means streams the rows through "
-            "Ray Data): use --backend ray or auto",
-        )
-        _require(
             self.backend != "local" or not (self.ray_address or self.gpus_per_worker),
             "--backend local runs in this process on its CPUs: --ray-address and "
             "--gpus-per-worker need --backend ray or auto",
@@ -338,15 +333,19 @@ class RunConfig:
         names = [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
         return tuple(dict.fromkeys(c for c in names if c != self.truth_column))
 
-    def label_source(self, total_rows: int, value_type: str = "float32") -> str:
+    def label_source(
+        self, total_rows: int, value_type: str = "float32", backend: str = "ray"
+    ) -> str:
         """Where the rows are labelled when the fit's workers are up: "workers" or
         "stream" (``--label-from``). auto: the workers, if they hold every row (a Lloyd
-        fit that sampled none), no --keep-columns (they would hold those too), and
-        their rows are the input's: spherical rows held in float16 are rounded unit
-        vectors, whose distances differ from the input's by up to ~2e-3 relative."""
+        fit that sampled none, or a mini-batch fit in this process: ``backend`` local),
+        no --keep-columns (they would hold those too), and their rows are the input's:
+        spherical rows held in float16 are rounded unit vectors, whose distances differ
+        from the input's by up to ~2e-3 relative."""
         if self.label_from != "auto":
             return self.label_from
-        every_row = self.algorithm == "lloyd" and not self.fit_sample_rows(total_rows)
+        resident = self.algorithm == "lloyd" or backend == "local"
+        every_row = resident and not self.fit_sample_rows(total_rows)
         rounded = self.spherical and self.held_dtype(value_type) != "float32"
         resident = every_row and not self.kept_columns() and not rounded
         return "workers" if resident else "stream"

@@ -111,10 +111,10 @@ def _run(
         raise ConfigError("--keep-columns: .npy input holds no columns but the embedding")
     # Where the rows are labelled: on the fit's workers, which then read the label pass's
     # columns too, or in a pass that reads the input again.
-    source = "stream" if model else config.label_source(plan.total_rows, plan.value_type)
-    settings = config.read_settings(plan, label_pass=source == "workers")
     itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
     backend, why = choose_backend(config, plan.total_rows, plan.dim, itemsize)
+    source = "stream" if model else config.label_source(plan.total_rows, plan.value_type, backend)
+    settings = config.read_settings(plan, label_pass=source == "workers")
     log.info(
         "plan: %d %s files, %d rows, dim %d, %s%s",
         len(plan.files),

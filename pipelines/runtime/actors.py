@@ -25,6 +25,7 @@ class WorkerSpec:
     num_gpus: float = 0.0
     max_restarts: int = 3
     batch_rows: int = 16384  # mini-batch rows per step
+    seed: int = 0  # --seed: the order of a mini-batch epoch over resident rows
     startup_timeout: float = 600.0  # seconds to wait for resources and loading
     task_timeout: float = 0.0  # seconds for one step's answers; 0: from its size
     threads: int | None = None  # faiss threads; None: Ray's OMP_NUM_THREADS
@@ -49,6 +50,7 @@ class WorkerSpec:
             num_gpus=config.gpus_per_worker,
             max_restarts=config.max_restarts,
             batch_rows=config.batch_rows,
+            seed=config.seed,
             startup_timeout=config.startup_timeout,
             task_timeout=config.task_timeout,
             threads=sizing.worker_threads,

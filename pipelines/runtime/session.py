@@ -72,7 +72,6 @@ def choose_backend(config: RunConfig, rows: int, dim: int, itemsize: int) -> tup
     reasons = [
         (ray.is_initialized(), "a Ray session is up in this process"),
         (bool(config.ray_address or os.environ.get("RAY_ADDRESS")), "a Ray cluster was given"),
-        (config.algorithm == "minibatch", "mini-batch k-means streams through Ray Data"),
         (config.gpus_per_worker > 0, "--gpus-per-worker places GPU actors"),
         (config.workers is not None, "--workers sizes a pool of Ray actors"),
         (config.ray_num_cpus is not None, "--ray-num-cpus sizes an embedded Ray"),

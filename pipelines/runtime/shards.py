@@ -139,6 +139,7 @@ class ResidentShards:
 
             self.infos = wait_ready(self.actors, spec, on_ready)
         self._warm = False  # torch loaded in every worker (``warm_up``)
+        self._epoch, self._batch = (0, 0), 0  # mini-batch: (epoch, batches), the next batch
 
     def warm_up(self) -> None:
         """Before the first step: wait, within --startup-timeout, for the workers' torch,
@@ -199,6 +200,30 @@ class ResidentShards:
             return scatter_reduce(self.actors, ref, near_ref, k, timeout)
         refs = [a.partial_stats.remote(ref, None, near_ref) for a in self.actors]
         return tree_reduce(refs, timeout)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Mini-batch k-means over the resident rows (in this process; on Ray the rows
+        stream, ``runtime.streaming``): ``epoch`` cut into batches of about --batch-rows
+        rows a worker, each worker cutting its own rows by the same keys, so a batch is
+        the same rows for any split (``ops.sampling.epoch_batches``)."""
+        per_step = self.spec.batch_rows * len(self.actors)
+        self._epoch = (epoch, max(1, -(-self.count() // per_step)))
+        self._batch = 0
+
+    def next_batch_stats(self, centroids: np.ndarray) -> PartialStats | None:
+        """The statistics of the epoch's next non-empty batch, summed over the workers;
+        None once the epoch is done."""
+        epoch, batches = self._epoch
+        self.warm_up()
+        ref = calls.put(np.ascontiguousarray(centroids, np.float32))
+        while self._batch < batches:
+            batch, self._batch = self._batch, self._batch + 1
+            refs = [a.next_batch_stats.remote(ref, epoch, batch, self.spec.seed, batches)
+                    for a in self.actors]  # fmt: skip
+            stats = tree_reduce(refs, self.timeout(len(centroids)))
+            if stats.n:
+                return stats
+        return None
 
     def cluster_subset(
         self, centroids: np.ndarray, per_cluster: int, strategy: str, seed: int

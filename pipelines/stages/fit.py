@@ -69,9 +69,9 @@ def start_workers(
     workers: int,
     ledger=None,
 ) -> ResidentShards | StreamingShards:
-    """Resident workers that load the planned files (Lloyd), or stream workers over a
-    Ray Data read of them (mini-batch)."""
-    if config.algorithm == "minibatch":
+    """Resident workers that load the planned files (Lloyd, and mini-batch in this
+    process), or stream workers over a Ray Data read of them (mini-batch on Ray)."""
+    if config.algorithm == "minibatch" and calls.on_ray():
         from pseudolabel.pipelines.io.datasource import embedding_dataset  # loads Ray Data
 
         # Small read tasks in a seeded random order: batches mix many files early on. Ids

@@ -50,3 +50,21 @@ def test_thresholds_from_split_candidates_select_what_one_pass_selects(quota):
     assert got == expected
     sizes = np.bincount(labels, minlength=k)
     assert len(got) == np.minimum(sizes, quota).sum()
+
+
+def test_epoch_batches_cover_every_row_once_and_do_not_depend_on_the_split():
+    from pseudolabel.ops.sampling import epoch_batches
+
+    rows = np.arange(10_000)
+    whole = epoch_batches(rows, seed=3, epoch=1, batches=10)
+    assert np.array_equal(np.sort(np.concatenate(whole)), rows)  # a partition
+    assert all(np.all(np.diff(b) > 0) for b in whole)  # ascending positions
+    assert all(abs(len(b) - 1000) < 150 for b in whole)  # about n / batches each
+    # Three workers holding interleaved rows cut the same global batches.
+    parts = [rows[i::3] for i in range(3)]
+    for b in range(10):
+        union = np.concatenate([p[epoch_batches(p, 3, 1, 10)[b]] for p in parts])
+        assert np.array_equal(np.sort(union), whole[b])
+    # Another epoch or seed, other batches.
+    assert not np.array_equal(epoch_batches(rows, 3, 2, 10)[0], whole[0])
+    assert not np.array_equal(epoch_batches(rows, 4, 1, 10)[0], whole[0])

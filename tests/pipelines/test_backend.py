@@ -34,7 +34,6 @@ def test_auto_runs_in_this_process_unless_something_asks_for_ray(monkeypatch):
     assert backend == "local" and "no cluster was given" in why
     for change, reason in [
         ({"ray_address": "auto"}, "a Ray cluster was given"),
-        ({"algorithm": "minibatch"}, "mini-batch"),
         ({"gpus_per_worker": 1.0}, "--gpus-per-worker"),
         ({"workers": 2}, "--workers"),
         ({"ray_num_cpus": 2}, "--ray-num-cpus"),
@@ -44,6 +43,8 @@ def test_auto_runs_in_this_process_unless_something_asks_for_ray(monkeypatch):
         backend, why = choose_backend(dataclasses.replace(base, **change), ROWS, DIM, 4)
         assert backend == "ray" and reason in why, change
     assert choose_backend(dataclasses.replace(base, balanced=True), ROWS, DIM, 4)[0] == "local"
+    minibatch = dataclasses.replace(base, algorithm="minibatch")
+    assert choose_backend(minibatch, ROWS, DIM, 4)[0] == "local"  # over the resident rows
     # Rows over a quarter of the memory: Ray's workers (on a cluster, or embedded).
     backend, why = choose_backend(base, 17 * ROWS, DIM, 4)
     assert backend == "ray" and "over 0.25 of the" in why
@@ -74,7 +75,6 @@ def test_local_cpus_follow_a_containers_quota(monkeypatch):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("--algorithm", "minibatch"), "--backend local runs Lloyd only"),
         (("--ray-address", "auto"), "--ray-address and --gpus-per-worker need --backend ray"),
         (("--gpus-per-worker", "1"), "--ray-address and --gpus-per-worker need --backend ray"),
     ],
@@ -252,3 +252,24 @@ def test_in_process_bars_move_as_the_worker_loads_and_labels(small_dataset, tmp_
     assert m["backend"]["name"] == "local" and m["label"]["source"] == "workers"
     assert moves["load"][-1] == 6000 and len(moves["load"]) >= 12
     assert moves["label"] == [1000, 2000, 2500, 3500, 4500, 5000, 6000]
+
+
+def test_minibatch_in_process_is_the_python_apis_minibatch(small_dataset, tmp_path):
+    """Mini-batch over the rows one in-process worker holds, cut into batches by the
+    rows' keys (``ops.sampling.epoch_batches``), is ``KMeans(algorithm="minibatch")`` on
+    the same rows as an array: the same batches, the same centres. The workers, holding
+    every row, label them (no second read)."""
+    import pseudolabel
+
+    root, x, _ = small_dataset
+    m = cli("run", "--input", root, "--output", tmp_path / "o", "--k", "6", "--algorithm",
+            "minibatch", "--iterations", "3", "--batch-rows", "1000", "--tol", "0",
+            "--backend", "local")  # fmt: skip
+    assert m["backend"]["name"] == "local" and m["label"]["source"] == "workers"
+    assert [h["steps"] for h in m["fit"]["history"]] == [6, 6, 6]  # 6,000 rows, 1,000 a step
+    model = pseudolabel.KMeans(6, algorithm="minibatch", max_iter=3, tol=0, batch_rows=1000)
+    model.fit(x)
+    centres = np.load(tmp_path / "o" / "centroids.npy")
+    np.testing.assert_allclose(centres, model.cluster_centers_, rtol=1e-6, atol=1e-6)
+    labels = pq.read_table(tmp_path / "o" / "labels").sort_by("id").column("label").to_numpy()
+    np.testing.assert_array_equal(labels, model.predict(x))

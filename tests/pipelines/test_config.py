@@ -103,6 +103,8 @@ def test_label_source():
     run = dict(input="a", output="b", k=12)
     assert cfg.build(**run).label_source(6000) == "workers"
     assert cfg.build(**run, algorithm="minibatch").label_source(6000) == "stream"
+    # in this process the mini-batch fit's worker holds every row
+    assert cfg.build(**run, algorithm="minibatch").label_source(6000, backend="local") == "workers"
     assert cfg.build(**run, fit_sample="auto").label_source(6000) == "stream"  # 3072 rows
     assert cfg.build(**run, fit_sample="auto").label_source(3000) == "workers"  # all rows
     assert cfg.build(**run, keep_columns="colour").label_source(6000) == "stream"

@@ -21,10 +21,10 @@ import ray
 from pseudolabel.ops.arrays import normalize_rows
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.bounds import DriftBounds
-from pseudolabel.ops.dataset import labelled_stats
+from pseudolabel.ops.dataset import batch_stats, labelled_stats
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.kmeans import reduce_slice
-from pseudolabel.ops.sampling import row_keys, smallest
+from pseudolabel.ops.sampling import epoch_batches, row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.plan import ReadSettings
@@ -46,6 +46,9 @@ def _sample_capacity(rows: int, fraction: float) -> int:
 
 class ResidentRows:
     """Rows of a source (``runtime.sources``) in memory, or on the worker's GPU."""
+
+    # ((epoch, seed, batches), positions of each mini-batch) of the epoch under way
+    _epoch: tuple[tuple[int, int, int], list[np.ndarray]] | None = None
 
     def __init__(self, source, settings: ReadSettings, spec: WorkerSpec, ledger=None):
         limit_threads(spec.threads)
@@ -171,6 +174,17 @@ class ResidentRows:
         if self.device_rows is not None:
             return self.device_rows.partial_stats(centroids, self.spec.metric)
         return labelled_stats(self.x, centroids, self.spec.metric, self.labels, self.bounds, near)
+
+    def next_batch_stats(
+        self, centroids: np.ndarray, epoch: int, batch: int, seed: int, batches: int
+    ) -> PartialStats:
+        """Statistics of this worker's rows in mini-batch ``batch`` of ``epoch``, the
+        epoch cut into ``batches`` by the rows' keys (``ops.sampling.epoch_batches``):
+        every call carries what it needs, so a rebuilt worker answers alike."""
+        if self._epoch is None or self._epoch[0] != (epoch, seed, batches):
+            self._epoch = ((epoch, seed, batches), epoch_batches(self.rows, seed, epoch, batches))
+        positions = self._epoch[1][batch]
+        return batch_stats(self.x, positions, centroids, self.spec.metric, self.spec.device)
 
     def split_stats(
         self, centroids: np.ndarray, bounds: list[tuple[int, int]], near=None
