@@ -162,8 +162,9 @@ class ArrayData:
         return subset
 
     def start_epoch(self, epoch: int) -> None:
-        """The epoch's batches of about ``batch_rows`` rows (``ops.sampling.epoch_batches``:
-        the batches of resident Ray workers holding these rows, however many)."""
+        """The epoch's batches of about ``batch_rows`` rows (``ops.sampling.epoch_batches``
+        on the global row numbers: the batches of ``pseudolabel run``'s in-process worker
+        holding these rows)."""
         batches = -(-self.count() // self.batch_rows)
         self._batches = [b for b in epoch_batches(self.rows, self.seed, epoch, batches) if len(b)]
 

@@ -176,7 +176,7 @@ class KMeans:
     ``fit(X)`` takes a numpy array (fitted in this process: no Ray), a
     ``ray.data.Dataset`` with an embedding column, or a URL of parquet or .npy shards (as
     ``pseudolabel run`` reads them). On a Dataset or a URL the rows are fitted on worker
-    actors (ShardWorkers that hold them, or StreamWorkers for mini-batch), exactly as
+    actors (ShardWorkers that hold them, or StreamWorkers for mini-batch on Ray), as
     ``pseudolabel run`` fits them. For a URL ``backend`` ("auto", "local" or "ray", as
     --backend) says where: "auto" fits a URL whose rows fit comfortably in memory in
     this process, with no Ray, as ``pseudolabel run`` would; otherwise it uses the

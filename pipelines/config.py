@@ -87,7 +87,7 @@ class RunConfig:
     )
     # The algorithm.
     algorithm: str = _opt(
-        "lloyd", "lloyd (full passes) or minibatch (streamed)", choices=ALGORITHMS
+        "lloyd", "lloyd (full passes) or minibatch (streamed on Ray)", choices=ALGORITHMS
     )
     iterations: int = _opt(20, "Lloyd iterations, or mini-batch epochs (at most)", metavar="N")
     fit_sample: str = _opt(
@@ -196,9 +196,9 @@ class RunConfig:
     backend: str = _opt(
         "auto",
         "where the stages run: on Ray (embedded, or --ray-address), or in this process "
-        "with no Ray (one worker on every core; Lloyd on CPUs); auto: in this process "
-        "when no cluster is given, the fit is Lloyd on CPUs without --workers, and the "
-        "rows take at most a quarter of the memory",
+        "with no Ray (one worker on every core, CPUs only); auto: in this process when "
+        "no cluster is given, the fit runs on CPUs without --workers, and the rows take "
+        "at most a quarter of the memory",
         choices=BACKENDS,
     )
     ray_address: str | None = _opt(
@@ -258,8 +258,8 @@ class RunConfig:
         # rows and hold none, so the flag would otherwise be silently ignored.
         _require(
             not self.resampling_steps or self.algorithm == "lloyd",
-            "--resampling-steps needs --algorithm lloyd (mini-batch workers hold no rows "
-            "to resample)",
+            "--resampling-steps needs --algorithm lloyd (the refinement takes Lloyd steps "
+            "on each cluster's rows)",
         )
         self.fit_sample = str(self.fit_sample).strip()
         _require(
@@ -277,9 +277,10 @@ class RunConfig:
             "statistics are gathered)",
         )
         _require(
-            self.label_from != "workers" or (self.algorithm == "lloyd" and self.fit_sample == "0"),
-            "--label-from workers needs --algorithm lloyd without --fit-sample (only then "
-            "do the fit's workers hold every row)",
+            self.label_from != "workers"
+            or ((self.algorithm == "lloyd" or self.backend == "local") and self.fit_sample == "0"),
+            "--label-from workers needs --algorithm lloyd (or mini-batch with --backend "
+            "local) without --fit-sample: only then do the fit's workers hold every row",
         )
         _require(
             self.backend != "local" or not (self.ray_address or self.gpus_per_worker),

@@ -143,7 +143,7 @@ def _run(
         spec = dataclasses.replace(WorkerSpec.of(config, sizing), label_columns=source == "workers")
         ledger = start_ledger()  # every reader reports its skipped rows here
         checkpoints = Checkpoints(
-            output.root.join(CHECKPOINTS), fit_fingerprint(config, plan, fingerprint)
+            output.root.join(CHECKPOINTS), fit_fingerprint(config, plan, fingerprint, backend)
         )
         if model is not None:
             fitted = model.fitted()

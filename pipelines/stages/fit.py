@@ -40,10 +40,12 @@ class FitResult:
     data: ResidentShards | None = None  # the workers, when kept for balance and labels
 
 
-def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
+def fit_fingerprint(config: RunConfig, plan: Plan, run: dict, backend: str = "ray") -> dict:
     """What must match for a checkpoint to be resumed: the fit's settings, and the same
     input and warm-start files (``run``: the run's fingerprint, ``io.fingerprint``).
-    The worker count need not match, nor settings that act after the fit."""
+    The worker count need not match, nor settings that act after the fit. A mini-batch
+    epoch's batches are cut by the rows' keys in this process and streamed on Ray: a
+    fit continues only where its epochs are cut the same way (``backend``)."""
     return {
         "input": plan.input_url,
         "input_files": run["input_files"],
@@ -58,6 +60,9 @@ def fit_fingerprint(config: RunConfig, plan: Plan, run: dict) -> dict:
         "init_centroids_file": run.get("init_centroids_file"),
         "search": config.search,
         "fit_sample": config.fit_sample_rows(plan.total_rows),
+        "minibatch": None
+        if config.algorithm == "lloyd"
+        else {"batches": "keys" if backend == "local" else "stream", "rows": config.batch_rows},
     }
 
 
@@ -167,9 +172,9 @@ def run_fit(
     keep_workers: bool = False,
     ledger=None,
 ) -> FitResult:
-    """Fit from the last checkpoint. With ``keep_workers`` (and Lloyd, whose workers hold
-    the rows) the workers stay up for the balance stage and the labels; the caller shuts
-    them down."""
+    """Fit from the last checkpoint. With ``keep_workers`` (and workers that hold the
+    rows: not mini-batch streamed on Ray) the workers stay up for the balance stage and
+    the labels; the caller shuts them down."""
     params = config.kmeans_params()
     state = checkpoints.latest()
     resumed_from = state.iteration if state else None

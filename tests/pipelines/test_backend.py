@@ -273,3 +273,18 @@ def test_minibatch_in_process_is_the_python_apis_minibatch(small_dataset, tmp_pa
     np.testing.assert_allclose(centres, model.cluster_centers_, rtol=1e-6, atol=1e-6)
     labels = pq.read_table(tmp_path / "o" / "labels").sort_by("id").column("label").to_numpy()
     np.testing.assert_array_equal(labels, model.predict(x))
+
+
+def test_a_minibatch_checkpoint_continues_only_where_its_epochs_are_cut_alike():
+    """In process an epoch's batches are cut by the rows' keys, on Ray they stream: a
+    mini-batch fit resumes on the backend that began it; a Lloyd fit on either."""
+    from types import SimpleNamespace
+
+    from pseudolabel.pipelines.stages.fit import fit_fingerprint
+
+    plan = SimpleNamespace(input_url="in", total_rows=6000, dim=16)
+    run = {"input_files": "sha"}
+    for algorithm, same in (("lloyd", True), ("minibatch", False)):
+        config = RunConfig(input="in", output="out", k=6, algorithm=algorithm)
+        local, ray = (fit_fingerprint(config, plan, run, b) for b in ("local", "ray"))
+        assert (local == ray) is same, algorithm

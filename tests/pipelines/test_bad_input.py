@@ -210,8 +210,12 @@ def test_zero_rows_are_bad_only_for_spherical(tmp_path, spherical):
 
 @pytest.mark.parametrize(
     "case",
-    [dict(spherical=True), dict(spherical=True, algorithm="minibatch", batch_rows=100)],
-    ids=["spherical", "spherical-minibatch"],
+    [
+        dict(spherical=True),
+        dict(spherical=True, algorithm="minibatch", batch_rows=100),
+        dict(spherical=True, algorithm="minibatch", batch_rows=100, backend="local"),
+    ],
+    ids=["spherical", "spherical-minibatch", "spherical-minibatch-in-process"],
 )
 def test_skip_counts_have_one_owner(ray_local, tmp_path, case):
     """NaN rows and zero rows (spherical) are counted once, whichever passes read them
@@ -232,6 +236,7 @@ def test_skip_counts_have_one_owner(ray_local, tmp_path, case):
     again = run(config)
     assert again["fit"]["init"] == "checkpoint"
     assert again["rows"]["skipped"]["by_reason"] == expected
+    assert again["backend"]["name"] == m["backend"]["name"] == case.get("backend", "ray")
 
 
 def test_zero_row_with_spherical_is_an_error_naming_the_row(ray_local, tmp_path):

@@ -1,16 +1,17 @@
 """The label role: a resident worker labels the rows it holds and writes them to staging.
 
-After a Lloyd fit every row is already in a worker's memory (with its id and pass-through
-columns when the spec asks for them, ``WorkerSpec.label_columns``): labelling there saves
-the streaming pass's second read of the input. Rows and columns come from the same
-reader as the streaming pass's, and ``runtime.labelling`` labels both, so the files hold
-the same rows and columns; the driver verifies them the same way before publishing.
+After a Lloyd fit (or a mini-batch fit in process) every row is already in a worker's
+memory (with its id and pass-through columns when the spec asks for them,
+``WorkerSpec.label_columns``): labelling there saves the streaming pass's second read of
+the input. Rows and columns come from the same reader as the streaming pass's, and
+``runtime.labelling`` labels both, so the files hold the same rows and columns; the
+driver verifies them the same way before publishing.
 
 The driver asks for one file of at most FILE_ROWS rows per call, so its bar moves file
-by file. A file is written whole (``Location.write_bytes``: a rename on a local disk,
-one PUT on an object store) under a name fixed by the worker's index and the file's
-rows, so a worker that Ray rebuilds and whose call is retried writes the same file
-again: never half a file, never a row twice.
+by file (in process, batch by batch: ``calls.progressed``). A file is written whole
+(``Location.write_bytes``: a rename on a local disk, one PUT on an object store) under a
+name fixed by the worker's index and the file's rows, so a worker that Ray rebuilds and
+whose call is retried writes the same file again: never half a file, never a row twice.
 """
 
 from __future__ import annotations

@@ -184,6 +184,10 @@ class ResidentRows:
         if self._epoch is None or self._epoch[0] != (epoch, seed, batches):
             self._epoch = ((epoch, seed, batches), epoch_batches(self.rows, seed, epoch, batches))
         positions = self._epoch[1][batch]
+        if batch == batches - 1:
+            self._epoch = None  # 8 bytes a row: not held through the balance and labels
+        # On CPUs: mini-batch over resident rows runs in this process only (on Ray, and
+        # so on GPUs, the rows stream: ``runtime.streaming``).
         return batch_stats(self.x, positions, centroids, self.spec.metric, self.spec.device)
 
     def split_stats(
