@@ -347,13 +347,12 @@ class KMeans:
 
     def _fit_url(self, url: str, config: RunConfig) -> None:
         from pseudolabel.pipelines.io.plan import make_plan
-        from pseudolabel.pipelines.runtime.session import choose_backend, run_session
+        from pseudolabel.pipelines.runtime.session import plan_backend, run_session
 
         plan = make_plan(config.input, config.read_settings())  # {date} filled in
         if self.n_clusters > plan.total_rows:
             raise InputError(f"n_clusters {self.n_clusters} exceeds the {plan.total_rows} rows")
-        itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
-        backend, _ = choose_backend(config, plan.total_rows, plan.dim, itemsize)
+        backend, _ = plan_backend(config, plan)
         with run_session(config, backend) as resources:
             self._fit_on_workers(config, resources, plan=plan, backend=backend)
 

@@ -32,7 +32,7 @@ from pseudolabel.pipelines.io.storage import resolve
 from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
 from pseudolabel.pipelines.runtime.roster import describe, start_roster, warn_fallback
-from pseudolabel.pipelines.runtime.session import choose_backend, run_session, size_pools
+from pseudolabel.pipelines.runtime.session import plan_backend, run_session, size_pools
 from pseudolabel.pipelines.runtime.shards import ResidentShards
 from pseudolabel.pipelines.stages.balance import (
     load_balance,
@@ -111,8 +111,7 @@ def _run(
         raise ConfigError("--keep-columns: .npy input holds no columns but the embedding")
     # Where the rows are labelled: on the fit's workers, which then read the label pass's
     # columns too, or in a pass that reads the input again.
-    itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
-    backend, why = choose_backend(config, plan.total_rows, plan.dim, itemsize)
+    backend, why = plan_backend(config, plan)
     source = "stream" if model else config.label_source(plan.total_rows, plan.value_type, backend)
     settings = config.read_settings(plan, label_pass=source == "workers")
     log.info(

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
 from pseudolabel.pipelines import progress
 from pseudolabel.pipelines.config import RunConfig, TrainConfig
+from pseudolabel.pipelines.io.plan import Plan
 from pseudolabel.pipelines.runtime import calls
 
 log = logging.getLogger("pseudolabel")
@@ -58,6 +60,12 @@ LOCAL_MEMORY_SHARE = 0.25
 # Ray; 64,218 x 1000 in 30-31 s in process (whole runs 50.5-54.1 s; 58.0 s on Ray the
 # day before, balance 23.4 s).
 LOCAL_BALANCE_CELLS = 2**28
+
+
+def plan_backend(config: RunConfig, plan: Plan) -> tuple[str, str]:
+    """``choose_backend`` for the rows of ``plan``, as the workers would hold them."""
+    itemsize = np.dtype(config.held_dtype(plan.value_type)).itemsize
+    return choose_backend(config, plan.total_rows, plan.dim, itemsize)
 
 
 def choose_backend(config: RunConfig, rows: int, dim: int, itemsize: int) -> tuple[str, str]:
