@@ -334,6 +334,12 @@ class RunConfig:
         names = [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
         return tuple(dict.fromkeys(c for c in names if c != self.truth_column))
 
+    def fit_streams(self, backend: str) -> bool:
+        """Whether the fit streams its rows (mini-batch on Ray, through Ray Data) rather
+        than holding them on its workers (Lloyd; mini-batch in this process, ``backend``
+        local, cuts its batches from the rows its worker holds)."""
+        return self.algorithm == "minibatch" and backend != "local"
+
     def label_source(
         self, total_rows: int, value_type: str = "float32", backend: str = "ray"
     ) -> str:
@@ -345,8 +351,7 @@ class RunConfig:
         from the input's by up to ~2e-3 relative."""
         if self.label_from != "auto":
             return self.label_from
-        resident = self.algorithm == "lloyd" or backend == "local"
-        every_row = resident and not self.fit_sample_rows(total_rows)
+        every_row = not self.fit_streams(backend) and not self.fit_sample_rows(total_rows)
         rounded = self.spherical and self.held_dtype(value_type) != "float32"
         resident = every_row and not self.kept_columns() and not rounded
         return "workers" if resident else "stream"

@@ -46,6 +46,8 @@ def fit_fingerprint(config: RunConfig, plan: Plan, run: dict, backend: str = "ra
     The worker count need not match, nor settings that act after the fit. A mini-batch
     epoch's batches are cut by the rows' keys in this process and streamed on Ray: a
     fit continues only where its epochs are cut the same way (``backend``)."""
+    minibatch = {"batches": "stream" if config.fit_streams(backend) else "keys",
+                 "rows": config.batch_rows}  # fmt: skip
     return {
         "input": plan.input_url,
         "input_files": run["input_files"],
@@ -60,9 +62,7 @@ def fit_fingerprint(config: RunConfig, plan: Plan, run: dict, backend: str = "ra
         "init_centroids_file": run.get("init_centroids_file"),
         "search": config.search,
         "fit_sample": config.fit_sample_rows(plan.total_rows),
-        "minibatch": None
-        if config.algorithm == "lloyd"
-        else {"batches": "keys" if backend == "local" else "stream", "rows": config.batch_rows},
+        "minibatch": None if config.algorithm == "lloyd" else minibatch,
     }
 
 
@@ -76,7 +76,7 @@ def start_workers(
 ) -> ResidentShards | StreamingShards:
     """Resident workers that load the planned files (Lloyd, and mini-batch in this
     process), or stream workers over a Ray Data read of them (mini-batch on Ray)."""
-    if config.algorithm == "minibatch" and calls.on_ray():
+    if config.fit_streams("ray" if calls.on_ray() else "local"):
         from pseudolabel.pipelines.io.datasource import embedding_dataset  # loads Ray Data
 
         # Small read tasks in a seeded random order: batches mix many files early on. Ids
