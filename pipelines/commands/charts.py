@@ -168,7 +168,8 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
         xs = _Scale(*_extent([s.x for s in plotted], False, 0 if hist else 0.03))
         lo, hi = _extent([s.y for s in p.series], p.log_y, 0.05)
         ys = _Scale(0.0, max(hi, 1.0), False) if hist else _Scale(lo, hi, p.log_y)
-        names = tick_texts(ys.ticks())
+        yticks = ys.ticks()
+        names = tick_texts(yticks)
     # Room on the left for the longest tick label or category, and the axis label.
     margin_l = (22 if p.ylabel else 6) + 8 + CHAR_WIDTH * max(map(len, names), default=1)
     x0, y0, x1, y1 = left + margin_l, 26.0, left + width - 14, height - 40
@@ -189,7 +190,7 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
             out.append(f"<text x='{x0 - 6}' y='{float(ys(i)) + 4:.1f}' text-anchor='end'>"
                        f"{escape(name)}</text>")  # fmt: skip
     else:
-        for t, text in zip(ys.ticks(), names, strict=True):
+        for t, text in zip(yticks, names, strict=True):
             y = float(ys(t))
             out.append(f"<line x1='{x0}' y1='{y:.1f}' x2='{x1}' y2='{y:.1f}' stroke='#eee'/>")
             out.append(f"<text x='{x0 - 5}' y='{y + 4:.1f}' text-anchor='end'>{text}</text>")
@@ -197,41 +198,10 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
     for i, s in enumerate(p.series):
         colour = s.colour or PALETTE[i % len(PALETTE)]
         dash = " stroke-dasharray='5 3'" if s.dashed else ""
-        if s.kind in ("line", "points"):  # a point without a place on the axes is left out
-            shown = np.isfinite(s.x) & np.isfinite(s.y) & ((s.y > 0) if p.log_y else True)
-            px, py = xs(s.x[shown]), ys(s.y[shown])
-            if s.kind == "line":
-                px, py = _thin(px, py)
-            xy = list(zip(px, py, strict=True))
-        if s.kind == "line":
-            pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
-            out.append(f"<polyline class='line' points='{pts}' fill='none' stroke='{colour}' "
-                       f"stroke-width='1.5'{dash}/>")  # fmt: skip
-            if s.markers:
-                out += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='2.5' fill='{colour}'/>"
-                        for a, b in xy]  # fmt: skip
-        elif s.kind == "points":
-            out += [f"<circle class='point' cx='{a:.1f}' cy='{b:.1f}' r='1.6' fill='{colour}'/>"
-                    for a, b in xy]  # fmt: skip
-        elif s.kind == "bars":
-            left_px, right_px, top = xs(s.x[:-1]), xs(s.x[1:]), ys(s.y)
-            out += [f"<rect class='bar' x='{a:.1f}' y='{t:.1f}' width='{max(b - a, 0.5):.1f}' "
-                    f"height='{y1 - t:.1f}' fill='{colour}'/>"
-                    for a, b, t in zip(left_px, right_px, top, strict=True)]  # fmt: skip
-        elif s.kind == "hbars":
-            half = 0.35 * (float(ys(1)) - float(ys(0)))
-            out += [f"<rect class='bar' x='{x0}' y='{float(ys(j)) - half:.1f}' "
-                    f"width='{max(float(xs(v)) - x0, 0.0):.1f}' height='{2 * half:.1f}' "
-                    f"fill='{colour}'/>"
-                    for j, v in enumerate(s.y) if np.isfinite(v)]  # fmt: skip
-        elif s.kind == "hline":
-            if not np.isfinite(s.y[0]) or (p.log_y and s.y[0] <= 0):
-                continue  # no place on this axis
-            y = float(ys(s.y[0]))
-            out.append(f"<line x1='{x0}' y1='{y:.1f}' x2='{x1}' y2='{y:.1f}' stroke='{colour}'"
-                       f"{dash}/>")  # fmt: skip
-        else:
-            raise ValueError(f"unknown series kind {s.kind!r}")
+        marks = _marks(s, colour, dash, xs, ys, (x0, y0, x1, y1), p.log_y)
+        if s.kind == "hline" and not marks:
+            continue  # a line with no place on this axis has no legend entry either
+        out += marks
         if s.label:
             legend.append((s.label, colour, dash))
     out += _legend(legend, x1)
@@ -244,6 +214,44 @@ def _panel(p: Panel, left: float, width: float, height: float) -> list[str]:
         out.append(f"<text transform='translate({left + 12},{cy:.1f}) rotate(-90)' "
                    f"text-anchor='middle'>{escape(p.ylabel)}</text>")  # fmt: skip
     return out
+
+
+def _marks(
+    s: Series, colour: str, dash: str, xs: _Scale, ys: _Scale, box: tuple, log_y: bool
+) -> list[str]:
+    """One series' elements in the plotting box (x0, y0, x1, y1)."""
+    x0, _, x1, y1 = box
+    if s.kind in ("line", "points"):  # a point without a place on the axes is left out
+        shown = np.isfinite(s.x) & np.isfinite(s.y) & ((s.y > 0) if log_y else True)
+        px, py = xs(s.x[shown]), ys(s.y[shown])
+        if s.kind == "points":
+            return [f"<circle class='point' cx='{a:.1f}' cy='{b:.1f}' r='1.6' fill='{colour}'/>"
+                    for a, b in zip(px, py, strict=True)]  # fmt: skip
+        xy = list(zip(*_thin(px, py), strict=True))
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
+        out = [f"<polyline class='line' points='{pts}' fill='none' stroke='{colour}' "
+               f"stroke-width='1.5'{dash}/>"]  # fmt: skip
+        if s.markers:
+            out += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='2.5' fill='{colour}'/>"
+                    for a, b in xy]  # fmt: skip
+        return out
+    if s.kind == "bars":
+        left_px, right_px, top = xs(s.x[:-1]), xs(s.x[1:]), ys(s.y)
+        return [f"<rect class='bar' x='{a:.1f}' y='{t:.1f}' width='{max(b - a, 0.5):.1f}' "
+                f"height='{y1 - t:.1f}' fill='{colour}'/>"
+                for a, b, t in zip(left_px, right_px, top, strict=True)]  # fmt: skip
+    if s.kind == "hbars":
+        half = 0.35 * (float(ys(1)) - float(ys(0)))
+        return [f"<rect class='bar' x='{x0}' y='{float(ys(j)) - half:.1f}' "
+                f"width='{max(float(xs(v)) - x0, 0.0):.1f}' height='{2 * half:.1f}' "
+                f"fill='{colour}'/>"
+                for j, v in enumerate(s.y) if np.isfinite(v)]  # fmt: skip
+    if s.kind == "hline":
+        if not np.isfinite(s.y[0]) or (log_y and s.y[0] <= 0):
+            return []  # no place on this axis
+        y = float(ys(s.y[0]))
+        return [f"<line x1='{x0}' y1='{y:.1f}' x2='{x1}' y2='{y:.1f}' stroke='{colour}'{dash}/>"]
+    raise ValueError(f"unknown series kind {s.kind!r}")
 
 
 def _thin(px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
