@@ -1,17 +1,14 @@
 """Labels row by row: nearest, and balanced, argmax_j S_ij + beta_j, exactly.
 
 Without beta this is faiss's top-m search. With beta every row needs its scores against
-all k centroids: one sgemm per block of rows on augmented vectors, [2x, 1] . [c, -|c|^2]
-(or [x, 0] . [c, 0] for "ip"), gives S = 2 x.c - |c|^2, whose argmax is the nearest
-centroid and, after adding beta, the balanced label (|x - c|^2 = |x|^2 - S). Folding the
-factor and the bias into the sgemm and keeping a block of S in cache (1024 rows) brings
-both labels to 1.04-1.16x faiss's nearest search alone (65k x 128 rows, k = 1000, 2
-cores; 1.5x with 4096-row blocks and separate passes for the factor and the bias). A
-second faiss search on augmented vectors costs 2.4x, and a top-m shortcut bounded by
-max(beta) falls back to full scores on nearly every row once beta is wider than the gaps
-between neighbouring centroids. The sgemm uses numpy's BLAS threads, which the label
-pass sets per actor (pipelines.runtime.session.limit_threads). The score expansion and
-its conversion to distances are ``ops.scores``'s; only the fused layout is kept here.
+all k centroids: ``ops.scores.AugmentedScores`` gives S = 2 x.c - |c|^2 (or x.c for
+"ip") a block of rows at a time in one sgemm, whose argmax is the nearest centroid and,
+after adding beta, the balanced label (|x - c|^2 = |x|^2 - S). That brings both labels to
+1.04-1.16x faiss's nearest search alone (65k x 128 rows, k = 1000, 2 cores). A second
+faiss search on augmented vectors costs 2.4x, and a top-m shortcut bounded by max(beta)
+falls back to full scores on nearly every row once beta is wider than the gaps between
+neighbouring centroids. The sgemm uses numpy's BLAS threads, which the label pass sets
+per actor (pipelines.runtime.session.limit_threads).
 """
 
 from __future__ import annotations
@@ -23,9 +20,12 @@ import numpy as np
 from pseudolabel.ops.arrays import as_float32, iter_chunks, squared_norms
 from pseudolabel.ops.assign import CentroidIndex
 from pseudolabel.ops.kmeans import neighbour_graph
-from pseudolabel.ops.scores import sq_distances_from_scores, sq_distances_from_search
-
-BLOCK_ROWS = 1024  # rows per sgemm: large enough for BLAS, S (rows x k) stays in cache
+from pseudolabel.ops.scores import (
+    BLOCK_ROWS,
+    AugmentedScores,
+    sq_distances_from_scores,
+    sq_distances_from_search,
+)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class BalancedAssigner:
             self.index = CentroidIndex(self.centroids, metric, device)
         # The balanced scores are a numpy sgemm: on the CPU whatever was asked for.
         self.device = device if beta is None else "cpu"
-        self.augmented = None if beta is None else _augmented_centroids(self.centroids, metric)
+        self.scorer = None if beta is None else AugmentedScores(self.centroids, metric)
 
     def assign(self, x: np.ndarray, topk: int = 0) -> Assignment:
         if self.beta is None:
@@ -83,9 +83,7 @@ class BalancedAssigner:
         return self._balanced(x, topk)
 
     def _balanced(self, x: np.ndarray, topk: int) -> Assignment:
-        beta, l2, ca = self.beta, self.metric == "l2", self.augmented
-        d = ca.shape[0] - 1
-        factor, one = (2.0, 1.0) if l2 else (1.0, 0.0)
+        beta, scorer = self.beta, self.scorer
         n, keep = len(x), max(topk, 1)
         out = Assignment(
             np.empty(n, np.int64),
@@ -97,13 +95,10 @@ class BalancedAssigner:
             out.topk_labels = np.empty((n, keep), np.int64)
             out.topk_distances = np.empty((n, keep), np.float32)
             out.topk_probs = np.empty((n, keep), np.float32) if self.epsilon else None
-        xa = np.empty((min(n, BLOCK_ROWS), d + 1), np.float32)
         for sl in iter_chunks(n, BLOCK_ROWS):
             xb = as_float32(x[sl])
             m = len(xb)
-            np.multiply(xb, factor, out=xa[:m, :d])
-            xa[:m, d] = one
-            S = xa[:m] @ ca  # one sgemm: S = 2 x.c - |c|^2 (l2) or x.c (ip)
+            S = scorer.block(xb)  # S = 2 x.c - |c|^2 (l2) or x.c (ip)
             rows = np.arange(m)[:, None]
             near = S.argmax(axis=1)
             near_s = S[rows[:, 0], near]
@@ -115,7 +110,7 @@ class BalancedAssigner:
             else:
                 top = S.argmax(axis=1)[:, None]
             top_s = S[rows, top]
-            sq = squared_norms(xb)[:, None] if l2 else None
+            sq = squared_norms(xb)[:, None] if scorer.l2 else None
             dist = _squared_distance(top_s - beta[top], sq)
             out.label[sl], out.distance[sl] = top[:, 0], dist[:, 0]
             out.nearest[sl] = near
@@ -126,14 +121,6 @@ class BalancedAssigner:
                     z = np.exp((top_s - top_s[:, :1]) / self.epsilon)
                     out.topk_probs[sl] = z / z.sum(axis=1, keepdims=True)
         return out
-
-
-def _augmented_centroids(c: np.ndarray, metric: str) -> np.ndarray:
-    """(d + 1, k): [c, -|c|^2] for l2, [c, 0] for ip; rows meet them as [2x, 1], [x, 0]."""
-    ca = np.empty((c.shape[1] + 1, len(c)), np.float32)
-    ca[:-1] = c.T
-    ca[-1] = -squared_norms(c) if metric == "l2" else 0.0
-    return ca
 
 
 def _squared_distance(scores: np.ndarray, sq_norms: np.ndarray | None) -> np.ndarray:

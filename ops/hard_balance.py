@@ -46,8 +46,14 @@ from typing import Protocol
 import numpy as np
 
 from pseudolabel.ops.arrays import iter_chunks
-from pseudolabel.ops.scores import scores
-from pseudolabel.ops.sinkhorn import DEFAULT_EPSILON, RowShards, SinkhornResult, sinkhorn
+from pseudolabel.ops.scores import BLOCK_ROWS, AugmentedScores, scores
+from pseudolabel.ops.sinkhorn import (
+    DEFAULT_EPSILON,
+    RowShards,
+    SinkhornResult,
+    sample_tolerance,
+    sinkhorn,
+)
 
 # Each row's CANDIDATES best clusters enter the kernel: a row near a corner where several
 # clusters meet moves to any of them (in d = 128, k = 1000, a cluster touches ~50 others).
@@ -55,8 +61,14 @@ CANDIDATES = 4
 # Passes after the first score the HOT columns whose duals moved most exactly, and bound
 # the others by the largest remaining move (see BoundaryBlock).
 HOT = 32
-REBASE = 0.25  # a pass that would score more than this share of rows afresh scores all
+REBASE = 0.5  # a pass that would score more than this share of rows afresh scores all
 MAX_EPOCHS = 64  # and so does a pass after this many partial ones
+# A row whose best column beats every other by this many kernel widths after the duals'
+# moves is settled: a pass adds it without looking at it (see BoundaryBlock._active).
+# e^-16 ~ 1e-7 of soft mass a row is left out. A pass that would look at more than
+# SETTLE_SHARE of the rows looks at all of them and settles them again.
+SETTLED_WIDTHS = 16.0
+SETTLE_SHARE = 0.5
 NEGLIGIBLE = 1e-4  # pair weights below this / h are left out (rows ~9 widths off a boundary)
 # A lone cluster (no rows near its boundary) moves just past the gap it must cross, by
 # PAST kernel widths.
@@ -155,6 +167,16 @@ class _Part:
         self.codes.append(codes)
         self.weights.append(weights)
 
+    def absorb(self, other: _Part) -> None:
+        """Adds another block's statistics (sums in the order of the calls)."""
+        self.counts += other.counts
+        np.minimum(self.enter, other.enter, out=self.enter)
+        np.minimum(self.leave, other.leave, out=self.leave)
+        self.soft += other.soft
+        self.soft_total += other.soft_total
+        self.codes += other.codes
+        self.weights += other.weights
+
     def result(self) -> Boundary:
         if self.codes:
             pairs, inverse = np.unique(np.concatenate(self.codes), return_inverse=True)
@@ -166,30 +188,55 @@ class _Part:
         return out
 
 
+@dataclass
+class _Look:
+    """What every chunk of a cached pass shares: the duals, the width, the HOT columns
+    (scored exactly) and the bound's slack per epoch; ``settle``: keep the safe rows for
+    ``_Settling``."""
+
+    g: np.ndarray
+    width: float
+    hot: np.ndarray
+    shifts: np.ndarray
+    hot_centroids: np.ndarray
+    settle: bool
+
+    def __post_init__(self) -> None:
+        self.hot_slot = np.full(len(self.g), -1)
+        self.hot_slot[self.hot] = np.arange(len(self.hot))
+
+
 def _candidates(
-    x: np.ndarray, centroids: np.ndarray, metric: str, g: np.ndarray, part: _Part
+    x: np.ndarray, scorer: AugmentedScores, g: np.ndarray, part: _Part
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every column of rows x under g: enter gaps over all columns into ``part``; returns
     the rows' CANDIDATES best columns (m, top), their adjusted scores (float32, best
-    first) and the best adjusted score outside them (m,), -inf when there is none."""
-    k = len(centroids)
+    first) and the best adjusted score outside them (m,), -inf when there is none. A
+    block of scores at a time, while it is in cache (``AugmentedScores``)."""
+    n, k = len(x), scorer.k
     top = min(k, CANDIDATES)
-    S = scores(x, centroids, metric)
-    S += np.asarray(g, np.float32)
-    # The best columns by repeated argmax (an argpartition of the whole row costs 5x the
-    # sgemm here), masked while found; all but the best are restored afterwards.
-    rows = np.arange(len(S))
-    best = np.empty((len(S), top), np.int64)
-    z = np.empty((len(S), top), np.float32)
-    for r in range(top):
-        best[:, r] = S.argmax(axis=1)
-        z[:, r] = S[rows, best[:, r]]
-        S[rows, best[:, r]] = -np.inf
-    outside = S.max(axis=1) if top < k else np.full(len(S), -np.inf, np.float32)
-    for r in range(1, top):
-        S[rows, best[:, r]] = z[:, r]
-    S -= z[:, :1]  # -(the rise of g_j that would bring row i into j); its own: -inf
-    part.enter = np.minimum(part.enter, -S.max(axis=0).astype(np.float64))
+    best = np.empty((n, top), np.int64)
+    z = np.empty((n, top), np.float32)
+    outside = np.full(n, -np.inf, np.float32)
+    reach = np.full(k, -np.inf, np.float32)  # max_i S_ij + g_j - z_i0 over rows not in j
+    g32 = np.asarray(g, np.float32)
+    for sl in iter_chunks(n, BLOCK_ROWS):
+        S = scorer.block(x[sl])
+        S += g32
+        # The best columns by repeated argmax (an argpartition of the whole row costs 5x
+        # the sgemm here), masked while found; all but the best are restored afterwards.
+        rows, b, zb = np.arange(len(S)), best[sl], z[sl]
+        for r in range(top):
+            b[:, r] = S.argmax(axis=1)
+            zb[:, r] = S[rows, b[:, r]]
+            S[rows, b[:, r]] = -np.inf
+        if top < k:
+            outside[sl] = S.max(axis=1)
+        for r in range(1, top):
+            S[rows, b[:, r]] = zb[:, r]
+        S -= zb[:, :1]  # -(the rise of g_j that would bring row i into j); its own: -inf
+        np.maximum(reach, S.max(axis=0), out=reach)
+    part.enter = np.minimum(part.enter, -reach.astype(np.float64))
     return best, z, outside
 
 
@@ -204,8 +251,9 @@ def boundary(
     """One block of rows' ``Boundary`` under duals g (k,) and kernel width (score units),
     every score computed afresh."""
     part = _Part.empty(len(centroids))
+    scorer = AugmentedScores(centroids, metric)
     for sl in iter_chunks(len(x), chunk_rows):
-        best, z, _ = _candidates(x[sl], centroids, metric, g, part)
+        best, z, _ = _candidates(x[sl], scorer, g, part)
         part.add_candidates(best, z.astype(np.float64), width)
     return part.result()
 
@@ -222,50 +270,50 @@ class BoundaryBlock:
     over the rest; a row whose best candidate beats that bound is labelled exactly from
     its candidates (the counts are exact), the other rows are scored afresh under g, a new
     epoch. The kernel weights and gaps of cached rows are over their candidates only.
+
+    A pass over every row also settles them: each row's label and margin at those duals.
+    While the duals stay near, a pass looks only at rows within SETTLED_WIDTHS kernel
+    widths of a boundary and adds the rest by their label (``_active``): at 1M x 128,
+    k = 1000, the last passes looked at 10-30% of the rows.
     """
 
-    def __init__(self, x: np.ndarray, centroids: np.ndarray, metric: str, chunk_rows: int = 8192):
+    def __init__(
+        self,
+        x: np.ndarray,
+        centroids: np.ndarray,
+        metric: str,
+        chunk_rows: int = 8192,
+    ):
         self.x, self.centroids, self.metric = x, np.asarray(centroids, np.float32), metric
         self.chunk_rows = chunk_rows
+        self.scorer = AugmentedScores(self.centroids, metric)
         self.epochs: list[np.ndarray] = []  # the duals of each pass that scored rows
         self.recomputed = 0  # rows scored afresh over all columns by the last pass
+        self.looked = 0  # rows the last pass looked at; it added the others as settled
+        self.settled_at: np.ndarray | None = None  # the duals the rows last settled at
 
     def boundary(self, g: np.ndarray, width: float) -> Boundary:
         g = np.asarray(g, np.float64)
         k = len(g)
         if not self.epochs or k <= HOT or len(self.epochs) >= MAX_EPOCHS:
             return self._full(g, width)
+        active = self._active(g, width)
+        every = active is None  # then the pass settles its rows again, at g
         moved = g - np.stack(self.epochs)  # (epochs, k)
         hot = np.argsort(-moved.max(axis=0), kind="stable")[:HOT]
         cold = np.ones(k, bool)
         cold[hot] = False
         shifts = moved[:, cold].max(axis=1)  # the bound's slack, per epoch
-        hot_c = self.centroids[hot]
-        hot_slot = np.full(k, -1)
-        hot_slot[hot] = np.arange(HOT)
+        look = _Look(g, width, hot, shifts, self.centroids[hot], every)
         part = _Part.empty(k)
-        stale_rows = []
-        for sl in iter_chunks(len(self.x), self.chunk_rows):
-            cand = self.cand[sl]
-            z = self.raw[sl] + g[cand]
-            # The columns that moved most are scored exactly; the bound covers the rest.
-            zh = scores(self.x[sl], hot_c, self.metric).astype(np.float64) + g[hot]
-            slot = hot_slot[cand]
-            held = np.nonzero(slot >= 0)
-            zh[held[0], slot[held]] = -np.inf  # already a candidate
-            cand = cand.copy()  # a view of the cache until now; z is already new
-            _best_first(cand, z)
-            enters = np.flatnonzero(_row_reduce(np.maximum, zh) > _row_reduce(np.minimum, z))
-            if len(enters):  # a hot column beats a candidate: the best of both
-                cols = np.concatenate([cand[enters], np.broadcast_to(hot, zh[enters].shape)], 1)
-                both = np.concatenate([z[enters], zh[enters]], axis=1)
-                order = np.argsort(-both, axis=1, kind="stable")[:, : cand.shape[1]]
-                cand[enters] = np.take_along_axis(cols, order, 1)
-                z[enters] = np.take_along_axis(both, order, 1)
-            safe = z[:, 0] > self.outside[sl] + shifts[self.epoch[sl]]
-            part.add_candidates(cand[safe], z[safe], width)
-            stale_rows.append(np.flatnonzero(~safe) + sl.start)
-        stale = np.concatenate(stale_rows)
+        settling = _Settling(k, len(self.x)) if every else None
+        stale = self._look_at(active, look, part, settling)
+        self.looked = len(self.x)
+        if not every:
+            # Gaps that no looked-at row gave: the settled rows nearest to the edge.
+            edge = self._edge_rows(part)
+            stale = np.concatenate([stale, self._look_at(edge, look, part, None)])
+            self.looked = len(active) + len(edge)
         self.recomputed = len(stale)
         if self.recomputed > REBASE * len(self.x):  # the bound has gone loose: start over
             return self._full(g, width)
@@ -273,10 +321,117 @@ class BoundaryBlock:
             self.epochs.append(g.copy())
         for sl in iter_chunks(len(stale), self.chunk_rows):
             rows = stale[sl]
-            best, z, outside = _candidates(self.x[rows], self.centroids, self.metric, g, part)
-            part.add_candidates(best, z.astype(np.float64), width)
+            best, z, outside = _candidates(self.x[rows], self.scorer, g, part)
+            z64 = z.astype(np.float64)
+            part.add_candidates(best, z64, width)
             self._keep(rows, best, z, outside, g)
+            if settling is not None:
+                settling.add(rows, best, z64, outside.astype(np.float64), g)
+        if settling is None:
+            self._add_settled(part, g)
+        else:
+            self._settle(settling, g)
         return part.result()
+
+    def _look_at(
+        self, active: np.ndarray | None, look: _Look, part: _Part, settling: _Settling | None
+    ) -> np.ndarray:
+        """Rows ``active`` (None: all) from their candidates into ``part`` (and the safe
+        ones into ``settling``); returns the stale ones, which need scoring afresh."""
+        every = active is None
+        stale = []
+        for sl in iter_chunks(len(self.x) if every else len(active), self.chunk_rows):
+            index = np.arange(sl.start, sl.stop) if every else active[sl]
+            chunk, unsafe, kept = self._cached_chunk(index, sl if every else index, look)
+            part.absorb(chunk)
+            stale.append(unsafe)
+            if settling is not None:
+                settling.add(*kept, look.g)
+        return np.concatenate(stale) if stale else np.empty(0, np.int64)
+
+    def _cached_chunk(
+        self, index: np.ndarray, rows: np.ndarray | slice, look: _Look
+    ) -> tuple[_Part, np.ndarray, tuple]:
+        """Rows ``index`` (``rows`` reads them: a slice reads the cache without a copy)
+        from their candidates: the part of the safe ones, the stale ones' indices, and the
+        safe ones' candidates, adjusted scores and bounds (for ``_Settling``)."""
+        g, hot = look.g, look.hot
+        cand = self.cand[rows]
+        z = self.raw[rows] + g[cand]
+        # The columns that moved most are scored exactly; the bound covers the rest.
+        zh = scores(self.x[rows], look.hot_centroids, self.metric).astype(np.float64) + g[hot]
+        slot = look.hot_slot[cand]
+        held = np.nonzero(slot >= 0)
+        zh[held[0], slot[held]] = -np.inf  # already a candidate
+        cand = cand.copy()  # a view of the cache until now; z is already new
+        _best_first(cand, z)
+        enters = np.flatnonzero(_row_reduce(np.maximum, zh) > _row_reduce(np.minimum, z))
+        if len(enters):  # a hot column beats a candidate: the best of both
+            cols = np.concatenate([cand[enters], np.broadcast_to(hot, zh[enters].shape)], 1)
+            both = np.concatenate([z[enters], zh[enters]], axis=1)
+            order = np.argsort(-both, axis=1, kind="stable")[:, : cand.shape[1]]
+            cand[enters] = np.take_along_axis(cols, order, 1)
+            z[enters] = np.take_along_axis(both, order, 1)
+        bound = self.outside[rows] + look.shifts[self.epoch[rows]]
+        safe = z[:, 0] > bound
+        part = _Part.empty(len(g))
+        part.add_candidates(cand[safe], z[safe], look.width)
+        kept = (index[safe], cand[safe], z[safe], bound[safe]) if look.settle else ()
+        return part, index[~safe], kept
+
+    def _active(self, g: np.ndarray, width: float) -> np.ndarray | None:
+        """The rows this pass must look at under g, or None for all of them.
+
+        A row settled at duals s with label b and margin m (its best adjusted score
+        above every other, at s) keeps b under g while m > max_j (g_j - s_j) - (g_b - s_b),
+        and its softmax puts at most e^-SETTLED_WIDTHS on any other column when m exceeds
+        that by SETTLED_WIDTHS widths: such a row adds 1 to its label's count and soft
+        size, S_ib + g_b to F_h's first term and no pair weight, all without a look at it.
+        """
+        if self.settled_at is None:
+            return None
+        moved = g - self.settled_at
+        limit = SETTLED_WIDTHS * width + moved.max() - moved
+        look = self.margin < limit[self.label]
+        if np.count_nonzero(look) > SETTLE_SHARE * len(self.x):
+            return None
+        self._settled = ~look
+        return np.flatnonzero(look)
+
+    def _edge_rows(self, part: _Part) -> np.ndarray:
+        """Settled rows to look at after all, taken out of the settled ones: for each
+        cluster that no looked-at row was labelled, its settled row of least margin (its
+        gap to leave), and for each column that no looked-at row had as a candidate, the
+        row that was nearest to entering it when the rows settled (its gap to enter).
+        ``newton_step`` moves a lone cluster by these gaps; without them it would not move."""
+        settled = self._settled
+        k = len(part.counts)
+        picks = []
+        no_leave = np.isinf(part.leave)
+        if no_leave.any():
+            rows = np.flatnonzero(settled & no_leave[self.label])
+            least = np.full(k, np.inf)
+            np.minimum.at(least, self.label[rows], self.margin[rows])
+            picks.append(rows[self.margin[rows] == least[self.label[rows]]])
+        entering = self.enter_row[np.isinf(part.enter) & (self.enter_row >= 0)]
+        picks.append(entering[settled[entering]])
+        edge = np.unique(np.concatenate(picks))
+        settled[edge] = False
+        return edge
+
+    def _add_settled(self, part: _Part, g: np.ndarray) -> None:
+        """The settled rows' counts, soft sizes and first term of F_h (see ``_active``)."""
+        labels = self.label[self._settled]
+        counts = np.bincount(labels, minlength=len(g))
+        part.counts += counts
+        part.soft += counts
+        part.soft_total += float(self.best_raw[self._settled].sum()) + float(counts @ g)
+
+    def _settle(self, settling: _Settling, g: np.ndarray) -> None:
+        """Takes the labels and margins of a pass over every row as the settled state."""
+        self.settled_at = g.copy()
+        self.label, self.best_raw, self.margin = settling.label, settling.best_raw, settling.margin
+        self.enter_row = settling.enter_row
 
     def _full(self, g: np.ndarray, width: float) -> Boundary:
         n, top = len(self.x), min(len(self.centroids), CANDIDATES)
@@ -286,11 +441,16 @@ class BoundaryBlock:
         self.raw = np.empty((n, top), np.float64)
         self.outside = np.empty(n, np.float64)
         part = _Part.empty(len(self.centroids))
+        settling = _Settling(len(self.centroids), n)
         for sl in iter_chunks(n, self.chunk_rows):
-            best, z, outside = _candidates(self.x[sl], self.centroids, self.metric, g, part)
-            part.add_candidates(best, z.astype(np.float64), width)
-            self._keep(np.arange(sl.start, sl.stop), best, z, outside, g)
-        self.recomputed = n
+            best, z, outside = _candidates(self.x[sl], self.scorer, g, part)
+            z64 = z.astype(np.float64)
+            part.add_candidates(best, z64, width)
+            rows = np.arange(sl.start, sl.stop)
+            self._keep(rows, best, z, outside, g)
+            settling.add(rows, best, z64, outside.astype(np.float64), g)
+        self.recomputed = self.looked = n
+        self._settle(settling, g)
         return part.result()
 
     def _keep(self, rows, best, z, outside, g) -> None:
@@ -299,6 +459,36 @@ class BoundaryBlock:
         self.cand[rows] = best
         self.raw[rows] = z.astype(np.float64) - g[best]
         self.outside[rows] = outside.astype(np.float64)
+
+
+class _Settling:
+    """A pass over every row, as the settled state it leaves (``BoundaryBlock._active``):
+    each row's label, raw best score and margin, and for each column the row nearest to
+    entering it (``BoundaryBlock._edge_rows``)."""
+
+    def __init__(self, k: int, n: int):
+        self.k = k
+        self.label = np.empty(n, np.int64)
+        self.best_raw = np.empty(n, np.float64)
+        self.margin = np.empty(n, np.float64)
+        self.enter_gap = np.full(k, np.inf)
+        self.enter_row = np.full(k, -1)
+
+    def add(self, rows, cand, z, bound, g) -> None:
+        """Rows (indices) with their candidates ``cand``, adjusted scores ``z`` under g
+        (best first) and a bound on every other column's adjusted score."""
+        self.label[rows] = cand[:, 0]
+        self.best_raw[rows] = z[:, 0] - g[cand[:, 0]]
+        others = _row_reduce(np.maximum, z[:, 1:]) if z.shape[1] > 1 else bound
+        self.margin[rows] = z[:, 0] - np.maximum(others, bound)
+        if z.shape[1] > 1:  # the rise of each candidate's g that would take the row
+            gap = (z[:, :1] - z[:, 1:]).ravel()
+            cols = cand[:, 1:].ravel()
+            least = np.full(self.k, np.inf)
+            np.minimum.at(least, cols, gap)
+            hit = np.flatnonzero((gap == least[cols]) & (least[cols] < self.enter_gap[cols]))
+            self.enter_gap[cols[hit]] = gap[hit]
+            self.enter_row[cols[hit]] = np.repeat(rows, z.shape[1] - 1)[hit]
 
 
 def _row_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:
@@ -570,17 +760,20 @@ def balanced_duals(
     warm: np.ndarray | None = None,
     on_stage: Callable[[dict], None] | None = None,
     on_pass: Callable[[dict], None] | None = None,
+    sample_rows: int | None = None,
 ) -> BalancedDuals:
     """Duals whose hard labels over all n ``rows`` have sizes q * n (within ``tol``).
 
     Sinkhorn on ``sample`` (a uniform sample, or all rows) estimates the k potentials;
     ``equalize`` then corrects them on every row, a pass at a time. The potentials are k
     numbers, so a sample of a few hundred rows per cluster estimates them as well as all
-    rows do, up to its sampling error, which the passes remove. ``warm`` (score units)
+    rows do, up to its sampling error, which the passes remove: Sinkhorn on a sample of
+    ``sample_rows`` (None: all n) stops at ``sample_tolerance``. ``warm`` (score units)
     starts Sinkhorn from earlier potentials.
     """
+    tol_sample = sample_tolerance(sinkhorn_tol, q, sample_rows or n, n)
     start = sinkhorn(
-        sample, q, epsilon, sinkhorn_tol, sinkhorn_iterations, on_stage=on_stage, beta0=warm
+        sample, q, epsilon, tol_sample, sinkhorn_iterations, on_stage=on_stage, beta0=warm
     )
     sizes = equalize(
         rows, integer_targets(q, n), start.beta, start.epsilon, tol, max_passes, on_pass

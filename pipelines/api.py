@@ -342,6 +342,7 @@ class KMeans:
                 sinkhorn_iterations=config.sinkhorn_iterations,
                 tol=config.balance_tol,
                 max_passes=config.balance_passes,
+                sample_rows=len(sample),
             )
             self.duals_, self.epsilon_ = result.log_duals, result.epsilon
 

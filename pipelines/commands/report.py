@@ -163,7 +163,8 @@ def _sinkhorn(balance: dict) -> str:
     steps = np.cumsum([s["iterations"] for s in stages])
     errors = Panel("Sinkhorn", "Sinkhorn steps", "cluster-size L1 error", log_y=True)
     errors.add("line", steps, [s["marginal_error"] for s in stages], markers=True)
-    errors.add("hline", None, balance["sinkhorn"]["tol"], label="--sinkhorn-tol",
+    tol = balance["sinkhorn"].get("tol_used", balance["sinkhorn"]["tol"])
+    errors.add("hline", None, tol, label="stopping tolerance",
                colour="#000", dashed=True)  # fmt: skip
     passes = Panel("Size corrections", "pass", "rows off target, largest", integer_x=True)
     history = balance["sizes"].get("history", [])

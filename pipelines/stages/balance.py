@@ -130,16 +130,17 @@ def run_balance(
                 warm=warm,
                 on_stage=on_stage,
                 on_pass=on_pass,
+                sample_rows=shards.sample_rows,
             )
     finally:
         shards.release()
     if not result.sinkhorn.converged:
         log.warning(
             "balance: Sinkhorn stopped after %d steps with cluster-size error %.2e above "
-            "--sinkhorn-tol %g; the size corrections start from there",
+            "%g; the size corrections start from there",
             result.sinkhorn.iterations,
             result.sinkhorn.marginal_error,
-            config.sinkhorn_tol,
+            result.sinkhorn.tol,
         )
     sizes = result.sizes
     if not sizes.converged:
@@ -238,6 +239,7 @@ def manifest_section(config: RunConfig, result: BalancedDuals, info: dict) -> di
             "marginal_error": sink.marginal_error,
             "converged": sink.converged,
             "tol": config.sinkhorn_tol,
+            "tol_used": sink.tol,  # larger on a sample with a larger error of its own
             "stages": sink.stages,
         },
         "sizes": {

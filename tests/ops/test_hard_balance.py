@@ -5,6 +5,7 @@ import numpy as np
 import ot
 import pytest
 
+from pseudolabel.ops import hard_balance
 from pseudolabel.ops.dataset import ArrayData
 from pseudolabel.ops.hard_balance import (
     HOT,
@@ -143,6 +144,41 @@ def test_cached_passes_count_exactly(skewed):
         np.testing.assert_array_equal(got.counts, boundary(x, c, "l2", g, 0.5).counts)
         spared += len(x) - block.recomputed
     assert spared > 0  # the cache spared some rows their full scores
+
+
+def test_settled_rows_are_added_exactly_without_a_look(skewed, monkeypatch):
+    """Once the duals move little, a pass looks only at rows near a boundary and adds the
+    settled ones by their label (``BoundaryBlock._active``). Against the same passes that
+    look at every row: the same counts, soft sizes and F_h's first term within e^-16 a
+    row, and every cluster with rows keeps a finite gap to leave, never below the exact
+    one (``_edge_rows``)."""
+    x, _, _ = skewed
+    rng = np.random.default_rng(7)
+    k = 3 * HOT
+    c = x[rng.choice(len(x), k, replace=False)]
+    block, twin = BoundaryBlock(x, c, "l2"), BoundaryBlock(x, c, "l2")
+    g, width = 0.1 * rng.standard_normal(k), 0.05
+    block.boundary(g, width)
+    twin.boundary(g, width)
+    looked = []
+    for _ in range(5):
+        g = g + 0.002 * rng.standard_normal(k)
+        width /= 2
+        got = block.boundary(g, width)
+        looked.append(block.looked)
+        monkeypatch.setattr(hard_balance, "SETTLE_SHARE", -1.0)  # the twin looks at all
+        every = twin.boundary(g, width)
+        monkeypatch.undo()
+        assert twin.looked == len(x)
+        np.testing.assert_array_equal(got.counts, every.counts)
+        np.testing.assert_allclose(got.soft, every.soft, rtol=0, atol=len(x) * 1e-7)
+        assert got.soft_total == pytest.approx(every.soft_total, rel=0, abs=len(x) * 1e-7)
+        whole = boundary(x, c, "l2", g, width)  # every row scored afresh: exact gaps
+        np.testing.assert_array_equal(got.counts, whole.counts)
+        rows = whole.counts > 0
+        assert np.isfinite(got.leave_gap[rows]).all()
+        assert (got.leave_gap[rows] >= whole.leave_gap[rows] - 1e-5).all()  # float32 scores
+    assert min(looked) < len(x) / 2  # settled rows were added, not looked at
 
 
 def test_gaps_are_the_exact_moves(skewed):
