@@ -122,7 +122,10 @@ class RowBlock:
         if self.S is not None:
             if self.K is None:
                 self.K = np.empty_like(self.S)
-            for sl in iter_chunks(len(self.x), self.chunk_rows):
+            # In cache-sized chunks, as the steps read it: the kernel's passes over a
+            # chunk (shift, scale, exp, flush) then run in cache. Row by row, so the
+            # kernel has the same bits in chunks of any size.
+            for sl in iter_chunks(len(self.x), cached_chunk_rows(len(self.centroids))):
                 self._kernel(self.S[sl], out=self.K[sl])
 
     def column_sums(self, v: np.ndarray) -> np.ndarray:
