@@ -63,6 +63,8 @@ class AugmentedScores:
         self.columns = np.empty((self.dim + 1, self.k), np.float32)  # (d + 1, k)
         self.columns[:-1] = c.T
         self.columns[-1] = -squared_norms(c) if self.l2 else 0.0
+        # The augmented rows' buffer, reused by every block: one caller at a time (an
+        # actor's methods, or one process's loop), not threads sharing an instance.
         self._rows = np.empty((BLOCK_ROWS, self.dim + 1), np.float32)
 
     def block(self, x: np.ndarray) -> np.ndarray:

@@ -115,7 +115,11 @@ class RunConfig:
         DEFAULT_EPSILON, "Sinkhorn entropy, relative to the std of the scores", metavar="X"
     )
     sinkhorn_iterations: int = _opt(5000, "Sinkhorn steps at most, over all eps stages")
-    sinkhorn_tol: float = _opt(1e-3, "Sinkhorn stops at this L1 error of the cluster sizes")
+    sinkhorn_tol: float = _opt(
+        1e-3,
+        "Sinkhorn stops at this L1 error of the cluster sizes (on a sample: first at the "
+        "sample's own error x 0.3, and here only if the size corrections end far off)",
+    )
     balance_sample: int = _opt(
         256, "Sinkhorn runs on this many rows per cluster (a uniform sample); 0: all rows"
     )

@@ -75,10 +75,10 @@ class BalanceShards:
             total += p
         return total
 
-    def boundary(self, g: np.ndarray, width: float) -> Boundary:
+    def boundary(self, g: np.ndarray, width: float, fresh: bool = False) -> Boundary:
         problem = self.problem_ref
         return Boundary.merge(
-            self._gather([a.balance_boundary.remote(problem, g, width) for a in self.actors])
+            self._gather([a.balance_boundary.remote(problem, g, width, fresh) for a in self.actors])
         )
 
     def release(self) -> None:

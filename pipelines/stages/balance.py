@@ -134,6 +134,12 @@ def run_balance(
             )
     finally:
         shards.release()
+    if result.restarted:
+        log.info(
+            "balance: the passes ended far off from Sinkhorn's solution at the sample's "
+            "tolerance; solved it again to --sinkhorn-tol %g and corrected again",
+            config.sinkhorn_tol,
+        )
     if not result.sinkhorn.converged:
         log.warning(
             "balance: Sinkhorn stopped after %d steps with cluster-size error %.2e above "
@@ -195,6 +201,7 @@ def save_balance(root: Location, checkpoints: Location, result: BalancedDuals, k
         "key": key,
         "beta": result.beta.tolist(),
         "epsilon": result.epsilon,
+        "restarted": result.restarted,
         "sinkhorn": {**asdict(result.sinkhorn), "beta": result.sinkhorn.beta.tolist()},
         "sizes": {
             **asdict(result.sizes),
@@ -222,6 +229,7 @@ def load_balance(checkpoints: Location, key: dict) -> BalancedDuals | None:
             float(doc["epsilon"]),
             SinkhornResult(**sink),
             HardBalance(**sizes),
+            bool(doc["restarted"]),
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -234,6 +242,9 @@ def manifest_section(config: RunConfig, result: BalancedDuals, info: dict) -> di
         "epsilon": result.epsilon,
         "target": config.cluster_proportions or "uniform",
         "converged": sizes.converged,
+        # Sinkhorn solved again to --sinkhorn-tol: the passes could not correct the
+        # sample's loose solution (``ops.hard_balance.balanced_duals``).
+        "restarted": result.restarted,
         "sinkhorn": {
             "iterations": sink.iterations,
             "marginal_error": sink.marginal_error,

@@ -181,6 +181,37 @@ def test_settled_rows_are_added_exactly_without_a_look(skewed, monkeypatch):
     assert min(looked) < len(x) / 2  # settled rows were added, not looked at
 
 
+def test_a_loose_start_the_passes_cannot_correct_is_solved_again(monkeypatch):
+    """Sinkhorn on a sample stops at the sample's own error; on this well-separated
+    mixture (a mode holding half the rows, 64 sample rows per cluster, seed 0) the passes
+    from there end far off. ``balanced_duals`` then solves the sample to the asked
+    tolerance and corrects again on a fresh pass: sizes within 1%, where the loose start
+    alone ends over 4 tolerances off."""
+    w = np.full(5, 0.5 / 4)
+    w[0] = 0.5
+    x, _ = mixture(20_000, 16, 5, seed=0, weights=w)
+    k, n = 100, len(x)
+    data = ArrayData(x)
+    params = KMeansParams(k=k, iterations=10, seed=0)
+    c = fit(data, params, init_state(data, params)[0]).centroids
+    sample = x[np.random.default_rng(0).random(n) < 64 * k / n]
+
+    def solve():
+        block = RowBlock(sample, c, "l2", len(sample))
+        return balanced_duals(
+            block, BoundaryBlock(x, c, "l2"), proportions(k), n, sample_rows=len(sample)
+        )
+
+    monkeypatch.setattr(hard_balance, "FAR_OFF", np.inf)  # never restart
+    loose = solve()
+    assert not loose.restarted and loose.sinkhorn.tol > 0.02
+    assert not loose.converged and loose.sizes.max_deviation > 4 * 0.01
+    monkeypatch.undo()
+    result = solve()
+    assert result.restarted and result.sinkhorn.tol == 1e-3
+    assert result.converged and result.sizes.max_deviation <= 0.01
+
+
 def test_gaps_are_the_exact_moves(skewed):
     """Raising g_j by just over enter_gap_j brings a row into j; by just under, none."""
     x, c, _ = skewed

@@ -140,6 +140,7 @@ def test_balanced_run_end_to_end(ray_local, dominant, balanced_run, tmp_path):
     tol = sample_tolerance(1e-3, proportions(K), b["sample_rows"], n)
     assert 1e-3 < tol == b["sinkhorn"]["tol_used"] and b["sinkhorn"]["tol"] == 1e-3
     assert b["converged"] and b["sinkhorn"]["marginal_error"] < tol
+    assert b["restarted"] is False  # the passes corrected the loose solution
     # Sinkhorn's sample: 256 rows per cluster in expectation (binomial, sd 42).
     assert b["epsilon_relative"] == 0.005 and abs(b["sample_rows"] - 256 * K) < 200
     assert b["sinkhorn_on"] == "driver"  # ~2,560 x 10 scores: a few hundred kB

@@ -59,11 +59,13 @@ class BalanceRole:
     def sinkhorn_release(self) -> None:
         self._row_block = self._boundary_block = None
 
-    def balance_boundary(self, problem: dict, g: np.ndarray, width: float) -> Boundary:
+    def balance_boundary(
+        self, problem: dict, g: np.ndarray, width: float, fresh: bool = False
+    ) -> Boundary:
         """Over all of this worker's rows, not the sample. The block keeps its rows'
         candidates between passes of one problem (``ops.hard_balance.BoundaryBlock``)."""
         kept = self._boundary_block
         if kept is None or kept[0] != problem["token"]:
             block = BoundaryBlock(self.x, problem["centroids"], self.spec.metric)
             self._boundary_block = kept = (problem["token"], block)
-        return kept[1].boundary(g, width)
+        return kept[1].boundary(g, width, fresh)
