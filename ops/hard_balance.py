@@ -310,12 +310,12 @@ class BoundaryBlock:
         shifts = moved[:, cold].max(axis=1)  # the bound's slack, per epoch
         look = _Look(g, width, hot, shifts, self.centroids[hot], every)
         part = _Part.empty(k)
-        settling = _Settling(k, len(self.x)) if every else None
+        settling = _Settling(len(self.x)) if every else None
         stale = self._look_at(active, look, part, settling)
         self.looked = len(self.x)
         if not every:
             # Gaps that no looked-at row gave: the settled rows nearest to the edge.
-            edge = self._edge_rows(part)
+            edge = self._edge_rows(part, g)
             stale = np.concatenate([stale, self._look_at(edge, look, part, None)])
             self.looked = len(active) + len(edge)
         self.recomputed = len(stale)
@@ -402,24 +402,31 @@ class BoundaryBlock:
         self._settled = ~look
         return np.flatnonzero(look)
 
-    def _edge_rows(self, part: _Part) -> np.ndarray:
+    def _edge_rows(self, part: _Part, g: np.ndarray) -> np.ndarray:
         """Settled rows to look at after all, taken out of the settled ones: for each
-        cluster that no looked-at row was labelled, its settled row of least margin (its
-        gap to leave), and for each column that no looked-at row had as a candidate, the
-        row that was nearest to entering it when the rows settled (its gap to enter).
+        cluster that no looked-at row was labelled, its settled rows that may be nearest
+        to leaving it (its gap to leave), and for each column that no looked-at row had as
+        a candidate, the settled rows that have it as one (its gap to enter).
         ``newton_step`` moves a lone cluster by these gaps; without them it would not move."""
         settled = self._settled
         k = len(part.counts)
         picks = []
         no_leave = np.isinf(part.leave)
         if no_leave.any():
+            # Row i of cluster b can leave it for j at g_b - g_j + (its margin to j at
+            # settling) >= margin_i - max(moved) + moved_b, and the row of least margin
+            # m at most at m - min(moved) + moved_b (its margin taken to a column): only
+            # rows within the spread of the moves of the least margin can be nearest.
+            moved = g - self.settled_at
             rows = np.flatnonzero(settled & no_leave[self.label])
             least = np.full(k, np.inf)
             np.minimum.at(least, self.label[rows], self.margin[rows])
-            picks.append(rows[self.margin[rows] == least[self.label[rows]]])
-        entering = self.enter_row[np.isinf(part.enter) & (self.enter_row >= 0)]
-        picks.append(entering[settled[entering]])
-        edge = np.unique(np.concatenate(picks))
+            near = self.margin[rows] <= least[self.label[rows]] + (moved.max() - moved.min())
+            picks.append(rows[near])
+        no_enter = np.isinf(part.enter)
+        if no_enter.any():  # the settled rows that hold such a column as a candidate
+            picks.append(np.flatnonzero(settled & no_enter[self.cand[:, 1:]].any(axis=1)))
+        edge = np.unique(np.concatenate(picks)) if picks else np.empty(0, np.int64)
         settled[edge] = False
         return edge
 
@@ -435,7 +442,6 @@ class BoundaryBlock:
         """Takes the labels and margins of a pass over every row as the settled state."""
         self.settled_at = g.copy()
         self.label, self.best_raw, self.margin = settling.label, settling.best_raw, settling.margin
-        self.enter_row = settling.enter_row
 
     def _full(self, g: np.ndarray, width: float) -> Boundary:
         n, top = len(self.x), min(len(self.centroids), CANDIDATES)
@@ -445,7 +451,7 @@ class BoundaryBlock:
         self.raw = np.empty((n, top), np.float64)
         self.outside = np.empty(n, np.float64)
         part = _Part.empty(len(self.centroids))
-        settling = _Settling(len(self.centroids), n)
+        settling = _Settling(n)
         for sl in iter_chunks(n, self.chunk_rows):
             best, z, outside = _candidates(self.x[sl], self.scorer, g, part)
             z64 = z.astype(np.float64)
@@ -467,16 +473,12 @@ class BoundaryBlock:
 
 class _Settling:
     """A pass over every row, as the settled state it leaves (``BoundaryBlock._active``):
-    each row's label, raw best score and margin, and for each column the row nearest to
-    entering it (``BoundaryBlock._edge_rows``)."""
+    each row's label, raw best score and margin."""
 
-    def __init__(self, k: int, n: int):
-        self.k = k
+    def __init__(self, n: int):
         self.label = np.empty(n, np.int64)
         self.best_raw = np.empty(n, np.float64)
         self.margin = np.empty(n, np.float64)
-        self.enter_gap = np.full(k, np.inf)
-        self.enter_row = np.full(k, -1)
 
     def add(self, rows, cand, z, bound, g) -> None:
         """Rows (indices) with their candidates ``cand``, adjusted scores ``z`` under g
@@ -485,14 +487,6 @@ class _Settling:
         self.best_raw[rows] = z[:, 0] - g[cand[:, 0]]
         others = _row_reduce(np.maximum, z[:, 1:]) if z.shape[1] > 1 else bound
         self.margin[rows] = z[:, 0] - np.maximum(others, bound)
-        if z.shape[1] > 1:  # the rise of each candidate's g that would take the row
-            gap = (z[:, :1] - z[:, 1:]).ravel()
-            cols = cand[:, 1:].ravel()
-            least = np.full(self.k, np.inf)
-            np.minimum.at(least, cols, gap)
-            hit = np.flatnonzero((gap == least[cols]) & (least[cols] < self.enter_gap[cols]))
-            self.enter_gap[cols[hit]] = gap[hit]
-            self.enter_row[cols[hit]] = np.repeat(rows, z.shape[1] - 1)[hit]
 
 
 def _row_reduce(ufunc: np.ufunc, a: np.ndarray) -> np.ndarray:

@@ -150,8 +150,8 @@ def test_settled_rows_are_added_exactly_without_a_look(skewed, monkeypatch):
     """Once the duals move little, a pass looks only at rows near a boundary and adds the
     settled ones by their label (``BoundaryBlock._active``). Against the same passes that
     look at every row: the same counts, soft sizes and F_h's first term within e^-16 a
-    row, and every cluster with rows keeps a finite gap to leave, never below the exact
-    one (``_edge_rows``)."""
+    row; every cluster with rows keeps a finite gap to leave, never below the exact one,
+    and every column a finite gap to enter (``_edge_rows``)."""
     x, _, _ = skewed
     rng = np.random.default_rng(7)
     k = 3 * HOT
@@ -178,6 +178,7 @@ def test_settled_rows_are_added_exactly_without_a_look(skewed, monkeypatch):
         rows = whole.counts > 0
         assert np.isfinite(got.leave_gap[rows]).all()
         assert (got.leave_gap[rows] >= whole.leave_gap[rows] - 1e-5).all()  # float32 scores
+        assert np.isfinite(got.enter_gap).all()  # every column is some row's candidate
     assert min(looked) < len(x) / 2  # settled rows were added, not looked at
 
 
