@@ -413,10 +413,11 @@ class BoundaryBlock:
         picks = []
         no_leave = np.isinf(part.leave)
         if no_leave.any():
-            # Row i of cluster b can leave it for j at g_b - g_j + (its margin to j at
-            # settling) >= margin_i - max(moved) + moved_b, and the row of least margin
-            # m at most at m - min(moved) + moved_b (its margin taken to a column): only
-            # rows within the spread of the moves of the least margin can be nearest.
+            # Row i of cluster b can leave it for j at moved_b - moved_j + (its margin
+            # to j at settling) >= margin_i - max(moved) + moved_b, and the row of least
+            # margin m at most at m - min(moved) + moved_b when m is to a column (not to
+            # the bound of a cached pass): only rows within the spread of the moves of
+            # the least margin can be nearest.
             moved = g - self.settled_at
             rows = np.flatnonzero(settled & no_leave[self.label])
             least = np.full(k, np.inf)
@@ -425,7 +426,8 @@ class BoundaryBlock:
             picks.append(rows[near])
         no_enter = np.isinf(part.enter)
         if no_enter.any():  # the settled rows that hold such a column as a candidate
-            picks.append(np.flatnonzero(settled & no_enter[self.cand[:, 1:]].any(axis=1)))
+            other = self.cand != self.label[:, None]
+            picks.append(np.flatnonzero(settled & (no_enter[self.cand] & other).any(axis=1)))
         edge = np.unique(np.concatenate(picks)) if picks else np.empty(0, np.int64)
         settled[edge] = False
         return edge
@@ -765,6 +767,7 @@ def balanced_duals(
     on_stage: Callable[[dict], None] | None = None,
     on_pass: Callable[[dict], None] | None = None,
     sample_rows: int | None = None,
+    on_restart: Callable[[HardBalance], None] | None = None,
 ) -> BalancedDuals:
     """Duals whose hard labels over all n ``rows`` have sizes q * n (within ``tol``).
 
@@ -773,8 +776,9 @@ def balanced_duals(
     numbers, so a sample of a few hundred rows per cluster estimates them as well as all
     rows do, up to its sampling error, which the passes remove: Sinkhorn on a sample of
     ``sample_rows`` (None: all n) stops at ``sample_tolerance``, and is solved again to
-    ``sinkhorn_tol`` if the passes end far off. ``warm`` (score units) starts Sinkhorn
-    from earlier potentials.
+    ``sinkhorn_tol`` if the passes end far off (``on_restart`` hears of it; the second
+    solve has the same budgets of steps and passes). ``warm`` (score units) starts
+    Sinkhorn from earlier potentials.
     """
     targets = integer_targets(q, n)
     loose = sample_tolerance(sinkhorn_tol, q, sample_rows or n, n)
@@ -782,6 +786,8 @@ def balanced_duals(
     sizes = equalize(rows, targets, start.beta, start.epsilon, tol, max_passes, on_pass)
     restarted = loose > sinkhorn_tol and _far_off(sizes, tol)
     if restarted:
+        if on_restart is not None:
+            on_restart(sizes)
         # The passes could not correct the loose solution (seen on well-separated
         # mixtures, 20k x 16, k = 100, 64 sample rows per cluster: 5 of 22 seeds
         # converged after tol 0.025, 14 after 1e-3): solve the sample to the asked

@@ -114,7 +114,9 @@ class RunConfig:
     epsilon: float = _opt(
         DEFAULT_EPSILON, "Sinkhorn entropy, relative to the std of the scores", metavar="X"
     )
-    sinkhorn_iterations: int = _opt(5000, "Sinkhorn steps at most, over all eps stages")
+    sinkhorn_iterations: int = _opt(
+        5000, "Sinkhorn steps at most, over all eps stages (again for a restarted solve)"
+    )
     sinkhorn_tol: float = _opt(
         1e-3,
         "Sinkhorn stops at this L1 error of the cluster sizes (on a sample: first at the "
@@ -126,7 +128,9 @@ class RunConfig:
     balance_tol: float = _opt(
         DEFAULT_TOL, "balanced sizes end within this fraction of their targets (>= 1 row)"
     )
-    balance_passes: int = _opt(40, "passes over the rows at most to correct balanced sizes")
+    balance_passes: int = _opt(
+        40, "passes over the rows at most to correct balanced sizes (again after a restart)"
+    )
     cluster_proportions: str | None = _opt(
         None,
         "target cluster sizes: .npy or JSON list of k weights (default: equal)",

@@ -115,6 +115,14 @@ def run_balance(
             "" if record["accepted"] else " (step not taken)",
         )
 
+    def on_restart(sizes: HardBalance) -> None:
+        log.info(
+            "balance: the passes ended %d rows off from Sinkhorn's solution at the "
+            "sample's tolerance; solving the sample again to --sinkhorn-tol %g",
+            int(np.abs(sizes.counts - sizes.targets).max()),
+            config.sinkhorn_tol,
+        )
+
     try:
         with progress.bar(None, "balance", "step") as bar:
             result = balanced_duals(
@@ -131,14 +139,14 @@ def run_balance(
                 on_stage=on_stage,
                 on_pass=on_pass,
                 sample_rows=shards.sample_rows,
+                on_restart=on_restart,
             )
     finally:
         shards.release()
     if result.restarted:
         log.info(
-            "balance: the passes ended far off from Sinkhorn's solution at the sample's "
-            "tolerance; solved it again to --sinkhorn-tol %g and corrected again",
-            config.sinkhorn_tol,
+            "balance: kept the %s solve's sizes",
+            "second" if result.sinkhorn.tol == config.sinkhorn_tol else "first",
         )
     if not result.sinkhorn.converged:
         log.warning(
