@@ -171,16 +171,6 @@ class _Part:
         self.codes.append(codes)
         self.weights.append(weights)
 
-    def absorb(self, other: _Part) -> None:
-        """Adds another block's statistics (sums in the order of the calls)."""
-        self.counts += other.counts
-        np.minimum(self.enter, other.enter, out=self.enter)
-        np.minimum(self.leave, other.leave, out=self.leave)
-        self.soft += other.soft
-        self.soft_total += other.soft_total
-        self.codes += other.codes
-        self.weights += other.weights
-
     def result(self) -> Boundary:
         if self.codes:
             pairs, inverse = np.unique(np.concatenate(self.codes), return_inverse=True)
@@ -195,15 +185,13 @@ class _Part:
 @dataclass
 class _Look:
     """What every chunk of a cached pass shares: the duals, the width, the HOT columns
-    (scored exactly) and the bound's slack per epoch; ``settle``: keep the safe rows for
-    ``_Settling``."""
+    (scored exactly) and the bound's slack per epoch."""
 
     g: np.ndarray
     width: float
     hot: np.ndarray
     shifts: np.ndarray
     hot_centroids: np.ndarray
-    settle: bool
 
     def __post_init__(self) -> None:
         self.hot_slot = np.full(len(self.g), -1)
@@ -308,7 +296,7 @@ class BoundaryBlock:
         cold = np.ones(k, bool)
         cold[hot] = False
         shifts = moved[:, cold].max(axis=1)  # the bound's slack, per epoch
-        look = _Look(g, width, hot, shifts, self.centroids[hot], every)
+        look = _Look(g, width, hot, shifts, self.centroids[hot])
         part = _Part.empty(k)
         settling = _Settling(len(self.x)) if every else None
         stale = self._look_at(active, look, part, settling)
@@ -324,13 +312,7 @@ class BoundaryBlock:
         if len(stale):
             self.epochs.append(g.copy())
         for sl in iter_chunks(len(stale), self.chunk_rows):
-            rows = stale[sl]
-            best, z, outside = _candidates(self.x[rows], self.scorer, g, part)
-            z64 = z.astype(np.float64)
-            part.add_candidates(best, z64, width)
-            self._keep(rows, best, z, outside, g)
-            if settling is not None:
-                settling.add(rows, best, z64, outside.astype(np.float64), g)
+            self._score_afresh(stale[sl], g, width, part, settling)
         if settling is None:
             self._add_settled(part, g)
         else:
@@ -346,19 +328,19 @@ class BoundaryBlock:
         stale = []
         for sl in iter_chunks(len(self.x) if every else len(active), self.chunk_rows):
             index = np.arange(sl.start, sl.stop) if every else active[sl]
-            chunk, unsafe, kept = self._cached_chunk(index, sl if every else index, look)
-            part.absorb(chunk)
+            unsafe, safe = self._cached_chunk(index, sl if every else index, look, part)
             stale.append(unsafe)
             if settling is not None:
-                settling.add(*kept, look.g)
+                settling.add(*safe, look.g)
         return np.concatenate(stale) if stale else np.empty(0, np.int64)
 
     def _cached_chunk(
-        self, index: np.ndarray, rows: np.ndarray | slice, look: _Look
-    ) -> tuple[_Part, np.ndarray, tuple]:
+        self, index: np.ndarray, rows: np.ndarray | slice, look: _Look, part: _Part
+    ) -> tuple[np.ndarray, tuple]:
         """Rows ``index`` (``rows`` reads them: a slice reads the cache without a copy)
-        from their candidates: the part of the safe ones, the stale ones' indices, and the
-        safe ones' candidates, adjusted scores and bounds (for ``_Settling``)."""
+        from their candidates: the safe ones into ``part``; returns the stale ones'
+        indices, and the safe ones' indices, candidates, adjusted scores and bounds (for
+        ``_Settling``)."""
         g, hot = look.g, look.hot
         cand = self.cand[rows]
         z = self.raw[rows] + g[cand]
@@ -378,10 +360,9 @@ class BoundaryBlock:
             z[enters] = np.take_along_axis(both, order, 1)
         bound = self.outside[rows] + look.shifts[self.epoch[rows]]
         safe = z[:, 0] > bound
-        part = _Part.empty(len(g))
-        part.add_candidates(cand[safe], z[safe], look.width)
-        kept = (index[safe], cand[safe], z[safe], bound[safe]) if look.settle else ()
-        return part, index[~safe], kept
+        cand, z = cand[safe], z[safe]
+        part.add_candidates(cand, z, look.width)
+        return index[~safe], (index[safe], cand, z, bound[safe])
 
     def _active(self, g: np.ndarray, width: float) -> np.ndarray | None:
         """The rows this pass must look at under g, or None for all of them.
@@ -455,22 +436,25 @@ class BoundaryBlock:
         part = _Part.empty(len(self.centroids))
         settling = _Settling(n)
         for sl in iter_chunks(n, self.chunk_rows):
-            best, z, outside = _candidates(self.x[sl], self.scorer, g, part)
-            z64 = z.astype(np.float64)
-            part.add_candidates(best, z64, width)
-            rows = np.arange(sl.start, sl.stop)
-            self._keep(rows, best, z, outside, g)
-            settling.add(rows, best, z64, outside.astype(np.float64), g)
+            self._score_afresh(sl, g, width, part, settling)  # a slice: x read in place
         self.recomputed = self.looked = n
         self._settle(settling, g)
         return part.result()
 
-    def _keep(self, rows, best, z, outside, g) -> None:
-        """Cache rows scored under g, the newest epoch."""
+    def _score_afresh(
+        self, rows: np.ndarray | slice, g: np.ndarray, width: float, part: _Part, settling
+    ) -> None:
+        """Rows (indices or a slice) scored against every column under g into ``part``
+        (and ``settling``), and cached as the newest epoch."""
+        best, z, outside = _candidates(self.x[rows], self.scorer, g, part)
+        z64, outside64 = z.astype(np.float64), outside.astype(np.float64)
+        part.add_candidates(best, z64, width)
         self.epoch[rows] = len(self.epochs) - 1
         self.cand[rows] = best
-        self.raw[rows] = z.astype(np.float64) - g[best]
-        self.outside[rows] = outside.astype(np.float64)
+        self.raw[rows] = z64 - g[best]
+        self.outside[rows] = outside64
+        if settling is not None:
+            settling.add(rows, best, z64, outside64, g)
 
 
 class _Settling:
@@ -668,7 +652,7 @@ def equalize(
     is halved and tried again. Stops after ``max_passes`` passes over the rows.
     """
     targets = np.asarray(targets, np.int64)
-    allowed = np.maximum(1.0, np.floor(tol * targets))
+    allowed = _allowed_error(targets, tol)
     g = np.asarray(g, np.float64).copy()
     h = width
     # Every row scored anew: candidates cached by an earlier solve would shape this one's
@@ -723,6 +707,11 @@ def equalize(
     # The result is the duals with the best hard sizes seen: never worse than the start.
     _, g, current = best
     return HardBalance(g, current.counts, targets, passes, done(current), history)
+
+
+def _allowed_error(targets: np.ndarray, tol: float) -> np.ndarray:
+    """Rows each size may be off its target: tol of it, at least one (``--balance-tol``)."""
+    return np.maximum(1.0, np.floor(tol * np.asarray(targets)))
 
 
 def _size_error(counts: np.ndarray, targets: np.ndarray) -> tuple[int, int]:
@@ -804,5 +793,5 @@ def balanced_duals(
 def _far_off(sizes: HardBalance, tol: float) -> bool:
     """Whether some size is more than FAR_OFF times its allowed error from its target:
     stuck, not nearly there (SeLa's setting scaled ends 2 rows off where 1 is allowed)."""
-    allowed = np.maximum(1.0, np.floor(tol * sizes.targets))
+    allowed = _allowed_error(sizes.targets, tol)
     return bool((np.abs(sizes.counts - sizes.targets) > FAR_OFF * allowed).any())
