@@ -4,8 +4,8 @@
     python -m bench.scale sample [--rows 1048576] [--dim 32] [--k 256] [--iterations 20]
                                  [--seeds 1,2,3]
     python -m bench.scale driver [--rows 4000000] [--dim 16] [--k 256] [--iterations 5]
-    python -m bench.scale reduce [--rows 131072] [--dim 128] [--k 65536] [--iterations 13]
-                                 [--workers 8] [--nodes 1]
+    python -m bench.scale reduce [--rows 131072] [--dim 128] [--k 65536] [--iterations 7]
+                                 [--workers 8] [--nodes 1] [--rounds 2]
 
 ``search``: Lloyd with ``--search flat`` against ``--search approx`` (``ops.neighbours``)
 from the same seeding, on the same rows, through the one loop (``ops.kmeans.fit`` on
@@ -26,15 +26,17 @@ objective over all rows (the sum of the label pass's distances), as ratios.
 the duplicate-id check runs), each run in its own process with its own embedded Ray.
 
 ``reduce``: ``--workers`` resident workers on one embedded Ray fit the rows with the
-search that ``auto`` picks at this k (approx), their steps reduced by a gather and a
-reduce-scatter in turn (the two give the same bits: tests/pipelines/test_shards.py), so
-that both meet the same machine state. Reported per reduction, over the steps after the
-first (exact for both): the bytes the driver receives (counted at
-``runtime.shards.gather``, where every answer arrives) and the median time of a step:
-from the centroids' put to the step's result (search, transfers, sums, means). With
-``--nodes N`` the workers are spread over a ``ray.cluster_utils.Cluster`` of N nodes on
-this machine, each with its own object store: what crosses nodes goes through Ray's
-object manager, as between machines.
+search that ``auto`` picks at this k (approx): whole fits of ``--iterations`` from the
+same start, reduced by a gather and a reduce-scatter in turn, ``--rounds`` of each, so
+that both meet the same machine state; each keeps its centroids where its steps leave
+them (the scatter's on the workers). Reported per reduction, over the iterations after
+the first (exact for both): the median bytes of arrays the driver fetches and puts an
+iteration (counted at ``runtime.calls.get`` and ``put``, which every value goes
+through), the median time of an iteration (the loop's own: graph, step, update), and
+whether every fit ended with the same centroids. With ``--nodes N`` the workers are
+spread over a ``ray.cluster_utils.Cluster`` of N nodes on this machine, each with its
+own object store: what crosses nodes goes through Ray's object manager, as between
+machines.
 """
 
 from __future__ import annotations
@@ -187,12 +189,23 @@ def driver(args: argparse.Namespace) -> dict:
     return results
 
 
+def _array_bytes(value, seen=None) -> int:
+    """Bytes of the numpy arrays in ``value`` (statistics, graphs, lists of them)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, list | tuple):
+        return sum(_array_bytes(v) for v in value)
+    if hasattr(value, "__dict__"):
+        return sum(_array_bytes(v) for v in vars(value).values())
+    return 0
+
+
 def reduce(args: argparse.Namespace) -> dict:
     import ray
 
     from pseudolabel.ops.kmeans import KMeansState
     from pseudolabel.pipelines.io.plan import ReadSettings, make_plan
-    from pseudolabel.pipelines.runtime import shards
+    from pseudolabel.pipelines.runtime import calls, shards
     from pseudolabel.pipelines.runtime.actors import WorkerSpec
 
     root, x = dataset(args.rows, args.dim, args.components, shards=args.workers)
@@ -214,54 +227,59 @@ def reduce(args: argparse.Namespace) -> dict:
     spec = WorkerSpec("l2", num_cpus=cpus, threads=1)
     params = KMeansParams(args.k, iterations=args.iterations, tol=0, seed=1)
     start = x[np.random.default_rng(1).choice(len(x), args.k, replace=False)]
-    steps: list[dict] = []  # per step: its reduction, bytes received, seconds
-    plain_gather, plain_step = shards.gather, shards.ResidentShards.partial_stats
+    moved = {"received": 0, "sent": 0}  # by the driver, since the last iteration
+    plain_get, plain_put = calls.get, calls.put
 
-    def counting_gather(refs, timeout, what):  # every answer the driver receives
-        got = plain_gather(refs, timeout, what)
-        arrays = [a for p in got for a in (p.sums, p.counts, p.means) if a is not None]
-        steps[-1]["bytes"] += sum(a.nbytes for a in arrays)
+    def counting_get(refs, timeout=None):  # every value the driver fetches
+        got = plain_get(refs, timeout)
+        moved["received"] += _array_bytes(got)
         return got
 
-    def alternating_step(self, centroids, near=None):
-        self.reduce = ("gather", "scatter")[len(steps) % 2]
-        steps.append({"reduce": self.reduce, "bytes": 0})
-        t0 = time.perf_counter()
-        stats = plain_step(self, centroids, near)
-        steps[-1]["step_s"] = time.perf_counter() - t0
-        return stats
+    def counting_put(value):  # every value the driver puts
+        moved["sent"] += _array_bytes(value)
+        return plain_put(value)
 
-    shards.gather = counting_gather
-    shards.ResidentShards.partial_stats = alternating_step
+    calls.get, calls.put = counting_get, counting_put
+    fits: dict = {"gather": [], "scatter": []}
     try:
         data = shards.ResidentShards.from_plan(plan, ReadSettings(dim=plan.dim), spec, args.workers)
         try:
+            # Whole fits from the same start, the two reductions in turn (each keeps its
+            # centroids where its steps leave them), so that both meet the machine alike.
+            for mode in ("gather", "scatter") * args.rounds:
+                data.reduce, steps = mode, []
+                moved.update(received=0, sent=0)
 
-            def show(_, record):
-                print(steps[-1]["reduce"], record.line(args.iterations), flush=True)
+                def record(_, rec, steps=steps, mode=mode):
+                    steps.append({"s": rec.seconds, **moved})
+                    print(mode, rec.line(args.iterations), moved, flush=True)
+                    moved.update(received=0, sent=0)
 
-            state = fit(data, params, KMeansState(start.copy()), show)
+                state = fit(data, params, KMeansState(start.copy()), record)
+                fits[mode].append({"steps": steps, "final": state.centroids,
+                                   "inertia": state.history[-1].inertia})  # fmt: skip
         finally:
             data.shutdown()
     finally:
-        shards.gather = plain_gather
-        shards.ResidentShards.partial_stats = plain_step
+        calls.get, calls.put = plain_get, plain_put
         if cluster is not None:
             ray.shutdown()
             cluster.shutdown()
-    later = steps[1:]  # the first step is exact for both: its time is the search's
-    for mode in ("gather", "scatter"):
-        mine = [s for s in later if s["reduce"] == mode]
+    for mode, runs in fits.items():
+        later = [s for run in runs for s in run["steps"][1:]]  # the first is exact for both
         results[mode] = {
-            "steps": len(mine),
-            "step_seconds": [round(s["step_s"], 3) for s in mine],
-            "median_step_s": round(float(np.median([s["step_s"] for s in mine])), 3),
-            "driver_bytes_per_step": int(np.mean([s["bytes"] for s in mine])),
+            "fits": len(runs),
+            "step_seconds": [round(s["s"], 3) for s in later],
+            "median_step_s": round(float(np.median([s["s"] for s in later])), 3),
+            "driver_received_per_step": int(np.median([s["received"] for s in later])),
+            "driver_sent_per_step": int(np.median([s["sent"] for s in later])),
+            "final_inertia": runs[-1]["inertia"],
         }
     gather, scatter = results["gather"], results["scatter"]
-    for what in ("median_step_s", "driver_bytes_per_step"):
-        results[f"{what}_ratio"] = round(scatter[what] / gather[what], 5)
-    results["final_inertia"] = state.history[-1].inertia
+    for what in ("median_step_s", "driver_received_per_step", "driver_sent_per_step"):
+        results[f"{what}_ratio"] = round(scatter[what] / max(gather[what], 1), 5)
+    finals = [run["final"] for runs in fits.values() for run in runs]
+    results["same_centroids"] = all(np.array_equal(finals[0], f) for f in finals)
     return results
 
 
@@ -269,7 +287,7 @@ SIZES = {  # rows, dim, k, iterations, components: the issue's measurements
     "search": (600_000, 32, 65536, 5, 4096),
     "sample": (1 << 20, 32, 256, 20, 1024),
     "driver": (4_000_000, 16, 256, 5, 256),
-    "reduce": (131_072, 128, 65536, 13, 4096),
+    "reduce": (131_072, 128, 65536, 7, 4096),
 }
 
 
@@ -283,6 +301,7 @@ def main() -> None:
     p.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[1, 2, 3],
                    help="sample: the runs' seeds, comma-separated")  # fmt: skip
     p.add_argument("--nodes", type=int, default=1, help="reduce: Ray nodes on this machine")
+    p.add_argument("--rounds", type=int, default=2, help="reduce: fits of each reduction")
     args = p.parse_args()
     for name, default in zip(("rows", "dim", "k", "iterations", "components"),
                              SIZES[args.what], strict=True):  # fmt: skip

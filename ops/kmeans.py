@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -99,11 +100,42 @@ class IterationRecord:
         )
 
 
+class HeldCentroids(Protocol):
+    """Centroids kept where they were computed: a reduce-scatter's slices, each on the
+    worker that summed it (``pipelines.runtime.held.SlicedCentroids``). The loop hands
+    them back to the data that holds them. Only a split of empty clusters (it needs the
+    donors' rows) and the end of ``fit`` fetch them here."""
+
+    def __len__(self) -> int: ...
+
+    def fetch(self) -> np.ndarray:
+        """All k centroids, (k, d) float32, here."""
+        ...
+
+    def map_rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> HeldCentroids:
+        """These centroids with ``fn`` applied to their rows where they are used: ``fn``
+        must treat each row on its own (``normalize_rows``), so that any slicing gives
+        the same bits."""
+        ...
+
+    def derive(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(centroids, *args)`` computed where the centroids are, as a value the
+        data holding them takes back (a ``neighbour_graph`` for its ``partial_stats``),
+        and whose ``fetch()`` gives it here; ``args`` may be such values."""
+        ...
+
+
+def fetched(centroids: np.ndarray | HeldCentroids) -> np.ndarray:
+    """The centroids as an array here: ``HeldCentroids.fetch`` where they are held."""
+    return centroids if isinstance(centroids, np.ndarray) else centroids.fetch()
+
+
 @dataclass
 class KMeansState:
     """Everything a resumed fit needs; ``pipelines.io.checkpoints.Checkpoints`` stores it."""
 
-    centroids: np.ndarray  # (k, d) float32
+    # (k, d) float32; while ``fit`` runs on a reduce-scatter, possibly HeldCentroids
+    centroids: np.ndarray | HeldCentroids
     iteration: int = 0  # iterations (or epochs) completed
     weight_sums: np.ndarray | None = None  # (k,) float64, mini-batch only
     history: list[IterationRecord] = field(default_factory=list)
@@ -163,29 +195,41 @@ def cluster_means(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -
     return new
 
 
-def reduce_slice(centroids: np.ndarray, parts: list[PartialStats]) -> PartialStats:
+def reduce_slice(
+    centroids: np.ndarray, parts: list[PartialStats]
+) -> tuple[np.ndarray, PartialStats]:
     """One worker's share of a reduce-scatter: the workers' statistics of one slice of
     the centroids (``PartialStats.split``), summed as the driver would sum whole ones
-    (``ops.stats.tree_sum``), to that slice's means and counts (``join_slices``)."""
+    (``ops.stats.tree_sum``), to that slice's means, and its counts and scalars without
+    sums (``join_slices``): the means stay with the worker, the rest goes to the driver."""
     total = tree_sum(parts, reduce_stats)
-    total.means = cluster_means(centroids, total.sums, total.counts)
+    means = cluster_means(centroids, total.sums, total.counts)
     total.sums = None
-    return total
+    return means, total
 
 
 def lloyd_update(
-    centroids: np.ndarray, stats: PartialStats, rng: np.random.Generator, spherical: bool
-) -> tuple[np.ndarray, int]:
+    centroids: np.ndarray | HeldCentroids,
+    stats: PartialStats,
+    rng: np.random.Generator,
+    spherical: bool,
+) -> tuple[np.ndarray | HeldCentroids, int]:
     """New centroids c_j = s_j / n_j, empty clusters split. Returns (centroids, n_split).
 
     The means come from ``stats.means`` when the workers computed them (reduce-scatter),
-    else from the sums here: the same arithmetic, the same bits. The split needs every
-    count and centroid, so it runs here, on k x d."""
+    else from the sums here: the same arithmetic, the same bits. Means held on the
+    workers stay there unless a cluster is empty: the split needs the donors' rows, so
+    it fetches them and runs here, on k x d."""
     counts = stats.counts
-    if stats.means is not None:
+    held = stats.means is not None and not isinstance(stats.means, np.ndarray)
+    if held and counts.all():  # nothing to split (split_empty_clusters would do nothing)
+        return (stats.means.map_rows(normalize_rows) if spherical else stats.means), 0
+    if held:
+        new = stats.means.fetch()
+    elif stats.means is not None:
         new = stats.means.copy()
     else:
-        new = cluster_means(centroids, stats.sums, counts)
+        new = cluster_means(fetched(centroids), stats.sums, counts)
     n_split = split_empty_clusters(new, counts.copy(), rng)
     if spherical:
         new = normalize_rows(new)
@@ -250,18 +294,27 @@ def fit(
     With ``params.resolved_search == "approx"`` the first iteration of each call is an
     exact search; each later one builds the centroids' neighbour graph
     (``ops.neighbours``) and the data scores each row only near its previous centroid.
+
+    Centroids the data keeps on its workers (``HeldCentroids``, a reduce-scatter) stay
+    there between iterations, the graph built beside them; the state's centroids are
+    fetched once, at the end.
     """
     if params.algorithm == "minibatch" and not isinstance(data, StreamingData):
         raise TypeError("mini-batch k-means needs a dataset with start_epoch/next_batch_stats")
     prev = state.history[-1].inertia if state.history else None
     first = state.iteration
-    near: CentroidGraph | None = None  # the last approx iteration's graph
+    near: Any = None  # the last approx iteration's graph (or the data's handle of it)
     for it in range(state.iteration, params.iterations):
         t0 = time.perf_counter()
         rng = rng_for(params.seed, 1, it)
         if params.algorithm == "lloyd":
             if params.resolved_search == "approx" and it > first:
-                near = neighbour_graph(state.centroids, params.metric, params.seed, near)
+                if isinstance(state.centroids, np.ndarray):
+                    if near is not None and not isinstance(near, CentroidGraph):
+                        near = near.fetch()  # built beside held centroids before a split
+                    near = neighbour_graph(state.centroids, params.metric, params.seed, near)
+                else:
+                    near = state.centroids.derive(neighbour_graph, params.metric, params.seed, near)
             else:
                 near = None
             stats = data.partial_stats(state.centroids, near)
@@ -288,6 +341,7 @@ def fit(
             on_iteration(state, record)
         if state.converged:
             break
+    state.centroids = fetched(state.centroids)  # held on the workers: gathered once
     return state
 
 

@@ -20,13 +20,14 @@ worse than keeping its old label, and Lloyd's objective still decreases every it
 
 Cost per row: (cells + candidates per cell) x d instead of k x d; at k = 65536 and d = 32
 about 130 candidates per cell (``bench.scale``). Building the graph is O(k (cells +
-PROBES k / cells) d), done once per iteration on the driver; the workers receive the
-candidate lists, O(k NEIGHBOURS) integers.
+PROBES k / cells) d), done once per iteration on the driver (or, where the workers hold
+the centroids, on one of them); the workers receive the candidate lists, O(k NEIGHBOURS)
+integers, without the centroids (``CentroidGraph.without_centroids``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
@@ -65,7 +66,7 @@ class CentroidGraph:
     ``candidates[offsets[i]:offsets[i + 1]]``, sorted centroid ids.
     """
 
-    centroids: np.ndarray
+    centroids: np.ndarray | None  # None while it travels: ``without_centroids``
     metric: str
     cell_of: np.ndarray
     cell_centres: np.ndarray
@@ -78,11 +79,22 @@ class CentroidGraph:
 
     @property
     def k(self) -> int:
-        return len(self.centroids)
+        return len(self.cell_of)
 
     @property
     def d(self) -> int:
-        return self.centroids.shape[1]
+        return self.cell_centres.shape[1]
+
+    def without_centroids(self) -> CentroidGraph:
+        """The graph less its centroids, to send where the centroids are sent anyway
+        (a worker's step): k x d x 4 bytes less a step. ``with_centroids`` there."""
+        return replace(self, centroids=None, _ivf=None)
+
+    def with_centroids(self, centroids: np.ndarray) -> CentroidGraph:
+        """The graph searching ``centroids``, the ones it was built from."""
+        if centroids.shape != (self.k, self.d):
+            raise ValueError(f"a graph of {self.k} x {self.d} centroids, got {centroids.shape}")
+        return replace(self, centroids=as_float32(centroids), _ivf=None)
 
     @property
     def cells(self) -> int:

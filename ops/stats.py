@@ -49,7 +49,8 @@ class PartialStats:
     step; rows without one (the first step, a restarted worker) are not compared.
     ``means``: where the workers already divided the summed sums by the counts (a
     reduce-scatter, ``ops.kmeans.cluster_means`` on each slice of the centroids), the
-    (k, d) float32 result, and ``sums`` is None: the driver never holds them.
+    (k, d) float32 result, kept on the workers (``ops.kmeans.HeldCentroids``), and
+    ``sums`` is None: the driver never holds them.
     """
 
     sums: np.ndarray | None
@@ -57,7 +58,7 @@ class PartialStats:
     inertia: float
     changed: int = 0
     compared: int = 0
-    means: np.ndarray | None = None
+    means: Any = None  # np.ndarray | ops.kmeans.HeldCentroids
 
     @classmethod
     def zeros(cls, k: int, d: int) -> PartialStats:
@@ -83,16 +84,17 @@ class PartialStats:
         ]
 
 
-def join_slices(slices: list[PartialStats]) -> PartialStats:
+def join_slices(slices: list[PartialStats], means: Any) -> PartialStats:
     """The whole step from its slices in centroid order, each reduced on its own worker
-    to ``means`` and counts: sums stay None, scalars add up."""
+    to counts and scalars (sums None), with ``means``, the slices' means as the workers
+    hold them: scalars add up."""
     return PartialStats(
         None,
         np.concatenate([s.counts for s in slices]),
         sum(s.inertia for s in slices),
         sum(s.changed for s in slices),
         sum(s.compared for s in slices),
-        means=np.concatenate([s.means for s in slices]),
+        means=means,
     )
 
 

@@ -7,7 +7,8 @@
     report.html        the run at a glance (``pipelines.commands.report``)
     _SUCCESS           written last: nothing is done before it exists (invariant 5)
     _checkpoints/      ckpt-NNNNNN.npz: iteration state for resuming, kept after success
-                       (``pipelines.io.checkpoints``)
+                       (``pipelines.io.checkpoints``); ckpt-NNNNNN-cJJJJJ.npy: its
+                       centroids' slices, where the workers held them (--reduce scatter)
 
 A rerun without ``_SUCCESS`` discards labels/ and _staging/ (never half of them is
 trusted) and resumes the fit from the last complete checkpoint.

@@ -5,8 +5,10 @@
 Per iteration the driver puts the centroids once. It then receives k x d float64 sums
 and k counts per worker, summed in a tree when there are many workers (DESIGN invariant
 2); or, when those sums are large (``reduce_mode``), the workers reduce-scatter them: each
-sends slice j of its sums to worker j, which sums and divides that slice, and the driver
-receives only the new means and the counts, k x d float32 once.
+sends slice j of its sums to worker j, which sums and divides that slice and keeps the
+means (``runtime.held``); the driver receives the k counts and the scalars, and passes
+the slices' refs to the next step, whose workers fetch them from each other. The driver
+fetches the centroids only to split empty clusters and once at the end of the fit.
 Samples and selections travel as keys and row numbers; embeddings reach the driver only
 as the seeding sample.
 """
@@ -43,6 +45,7 @@ from pseudolabel.pipelines.runtime.actors import (
     wait_ready,
 )
 from pseudolabel.pipelines.runtime.bookkeeping import as_argument
+from pseudolabel.pipelines.runtime.held import HeldValue, SlicedCentroids
 from pseudolabel.pipelines.runtime.sources import FileRows
 from pseudolabel.pipelines.runtime.workers import ShardWorker
 from pseudolabel.pipelines.runtime.workers.labels import FILE_ROWS
@@ -83,33 +86,46 @@ def tree_reduce(refs: list, timeout: float) -> PartialStats:
     )
 
 
-def scatter_reduce(actors: list, centroids_ref, near_ref, k: int, timeout: float) -> PartialStats:
+def scatter_reduce(actors: list, centroids: Any, near: Any, k: int, timeout: float) -> PartialStats:
     """One step reduced on the workers: worker i splits its statistics into W slices of
     the centroids (``num_returns``), worker j sums slice j of all of them and divides
-    (``ops.kmeans.reduce_slice``). The driver receives k counts, k x d float32 means
-    and the scalars: ``PartialStats`` with ``means`` set and no sums."""
+    (``ops.kmeans.reduce_slice``), keeping the means. The driver receives k counts and
+    the scalars: ``PartialStats`` whose ``means`` are the slices held on the workers
+    (``runtime.held.SlicedCentroids``), which the next step's workers fetch from each
+    other. ``centroids`` and ``near`` are refs put by the driver, or held values."""
     bounds = slice_bounds(k, len(actors))
     for attempt in range(SCATTER_RETRIES + 1):
         try:
             sliced = [
-                a.split_stats.options(num_returns=len(actors)).remote(
-                    centroids_ref, bounds, near_ref
-                )
+                a.split_stats.options(num_returns=len(actors)).remote(centroids, bounds, near)
                 for a in actors
             ]
             sliced = [[refs] if len(actors) == 1 else refs for refs in sliced]
             # No barrier here: a reducer fetches the slices of the workers that are done
             # while the others still compute. ``gather`` bounds the whole step.
             reduced = [
-                a.reduce_slice.remote(centroids_ref, lo, hi, *[refs[j] for refs in sliced])
+                a.reduce_slice.options(num_returns=2).remote(
+                    centroids, lo, hi, *[refs[j] for refs in sliced]
+                )
                 for j, (a, (lo, hi)) in enumerate(zip(actors, bounds, strict=True))
             ]
-            return join_slices(gather(reduced, timeout, "a step's reduce-scatter"))
+            counts = gather([r[1] for r in reduced], timeout, "a step's reduce-scatter")
+            means = SlicedCentroids([r[0] for r in reduced], bounds, actors, timeout)
+            return join_slices(counts, means)
         except ray.exceptions.ObjectLostError as e:  # a node left with slices on it
+            held = isinstance(centroids, SlicedCentroids)
             if attempt == SCATTER_RETRIES:
+                if held and centroids.durable is None:
+                    centroids.recover()  # raises: no checkpoint holds them
                 raise
             log.warning("fit: a reduce-scatter lost its slices (%s); running the step again",
                         type(e).__name__)  # fmt: skip
+            # The lost slices may be the step's input: read back from their checkpoint
+            # where one holds them; else the step's parts alone were lost, or not.
+            if held and centroids.durable is not None:
+                centroids = centroids.recover()
+            if isinstance(near, HeldValue):  # built beside them: the retry searches exactly
+                near = None
     raise AssertionError("unreachable")
 
 
@@ -188,17 +204,20 @@ class ResidentShards:
     def sample(self, n: int, seed: int) -> np.ndarray:
         return keyed_sample(self.actors, n, seed, self.settings.dim, self.timeout(1))
 
-    def partial_stats(self, centroids: np.ndarray, near=None) -> PartialStats:
-        """One step; with ``near`` (a ``CentroidGraph``, put once) each worker scores its
-        rows near their labels of its previous step. Reduced by a gather or, for large
-        sums, a reduce-scatter (``reduce_mode``)."""
+    def partial_stats(self, centroids: np.ndarray | SlicedCentroids, near=None) -> PartialStats:
+        """One step; with ``near`` (a ``CentroidGraph``) each worker scores its rows near
+        their labels of its previous step. Reduced by a gather or, for large sums, a
+        reduce-scatter (``reduce_mode``), whose means stay on the workers. Centroids and
+        graph are put once, or passed on where they are held (``runtime.held``)."""
         k, timeout = len(centroids), self.timeout(len(centroids))
         self.warm_up()
-        ref = calls.put(np.ascontiguousarray(centroids, np.float32))
-        near_ref = None if near is None else calls.put(near)
+        if isinstance(centroids, np.ndarray):
+            centroids = calls.put(np.ascontiguousarray(centroids, np.float32))
+        if near is not None and not isinstance(near, HeldValue):
+            near = calls.put(near.without_centroids())  # the workers have them
         if self.reduce_mode(k) == "scatter":
-            return scatter_reduce(self.actors, ref, near_ref, k, timeout)
-        refs = [a.partial_stats.remote(ref, None, near_ref) for a in self.actors]
+            return scatter_reduce(self.actors, centroids, near, k, timeout)
+        refs = [a.partial_stats.remote(centroids, None, near) for a in self.actors]
         return tree_reduce(refs, timeout)
 
     def start_epoch(self, epoch: int) -> None:

@@ -219,7 +219,7 @@ def run_fit(
         if reduce == "scatter":
             log.info(
                 "fit: %.2f GiB of sums a step are reduce-scattered over the %d workers "
-                "(--reduce %s); the driver receives the means and counts",
+                "(--reduce %s); the centroids stay on them, the driver receives counts",
                 len(data.actors) * config.k * plan.dim * 8 / 2**30,
                 len(data.actors),
                 config.reduce,

@@ -185,13 +185,10 @@ def test_reduce_scatter_gives_the_gathers_bits(workers):
     whole = tree_sum(parts, reduce_stats)
     bounds = slice_bounds(k, workers)
     pieces = [p.split(bounds) for p in parts]
-    joined = join_slices(
-        [
-            reduce_slice(centroids[lo:hi], [pc[j] for pc in pieces])
-            for j, (lo, hi) in enumerate(bounds)
-        ]
-    )
-    assert joined.sums is None
+    reduced = [reduce_slice(centroids[lo:hi], [pc[j] for pc in pieces])
+               for j, (lo, hi) in enumerate(bounds)]  # fmt: skip
+    joined = join_slices([s for _, s in reduced], np.concatenate([m for m, _ in reduced]))
+    assert joined.sums is None and all(s.sums is None and s.means is None for _, s in reduced)
     np.testing.assert_array_equal(joined.counts, whole.counts)
     assert (joined.inertia, joined.changed, joined.compared) == (
         whole.inertia, whole.changed, whole.compared
@@ -200,6 +197,99 @@ def test_reduce_scatter_gives_the_gathers_bits(workers):
     scattered, n2 = lloyd_update(centroids, joined, rng_for(0, 1, 0), spherical=False)
     assert n1 == n2 == 2
     np.testing.assert_array_equal(scattered, gathered)
+
+
+class HeldArray:
+    """``ops.kmeans.HeldCentroids`` over an array here, counting what is fetched."""
+
+    fetches = 0
+
+    def __init__(self, x, fns=()):
+        self.x, self.fns = x, fns
+
+    def __len__(self):
+        return len(self.x)
+
+    def fetch(self):
+        HeldArray.fetches += 1
+        x = self.x
+        for fn in self.fns:
+            x = fn(x)
+        return x
+
+    def map_rows(self, fn):
+        return HeldArray(self.x, (*self.fns, fn))
+
+    def derive(self, fn, *args):
+        before = HeldArray.fetches
+        value = fn(self.fetch(), *(a.fetch() if isinstance(a, Derived) else a for a in args))
+        HeldArray.fetches = before  # where they are held, not on the driver
+        return Derived(value)
+
+
+class Derived:
+    """A value derived beside held centroids: the data takes it back, ``fetch`` here."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def fetch(self):
+        return self.value
+
+
+class EmptyingData(ArrayData):
+    """ArrayData whose ``empty_at``-th step finds cluster 0 empty: a split mid-fit."""
+
+    def __init__(self, x, empty_at):
+        super().__init__(x)
+        self.steps, self.empty_at = 0, empty_at
+
+    def partial_stats(self, centroids, near=None):
+        stats = super().partial_stats(centroids, near)
+        self.steps += 1
+        if self.steps == self.empty_at:
+            stats.counts[0], stats.sums[0] = 0, 0.0
+        return stats
+
+
+class HoldingData(EmptyingData):
+    """Data whose steps return their means held (as a reduce-scatter's workers do)."""
+
+    def partial_stats(self, centroids, near=None):
+        from pseudolabel.ops.kmeans import cluster_means, fetched
+
+        before = HeldArray.fetches
+        c = fetched(centroids)
+        HeldArray.fetches = before  # the workers' fetch, not the driver's
+        if isinstance(near, Derived):
+            near = near.value
+        stats = super().partial_stats(c, near)
+        stats.means = HeldArray(cluster_means(c, stats.sums, stats.counts))
+        stats.sums = None
+        return stats
+
+
+@pytest.mark.parametrize(("spherical", "search"), [(False, "flat"), (True, "flat"),
+                                                   (False, "approx")])  # fmt: skip
+def test_held_means_stay_held_until_a_split_or_the_end(spherical, search):
+    """The one loop over data whose means stay on its workers: the same bits as over an
+    array, and the driver fetches the centroids only for the iterations that split a
+    cluster (the first, and the fifth), and once at the end. The approximate search's
+    graph is built beside held centroids, and from the one built there after a split."""
+    x, _ = mixture(3000, 6, 8, seed=3)
+    params = KMeansParams(
+        k=40, iterations=8, tol=-np.inf, seed=2, spherical=spherical, search=search
+    )  # fmt: skip  (every iteration runs)
+    start = init_state(ArrayData(x), params)[0].centroids
+    start[:3] = -start[:3] if spherical else 1e3  # far from every row: split at once
+    plain = fit(EmptyingData(x, empty_at=5), params, KMeansState(start.copy()))
+    HeldArray.fetches = 0
+    held = fit(HoldingData(x, empty_at=5), params, KMeansState(start.copy()))
+    np.testing.assert_array_equal(held.centroids, plain.centroids)
+    assert [r.inertia for r in held.history] == [r.inertia for r in plain.history]
+    splits = [r.iteration for r in held.history if r.n_split > 0]
+    assert splits == [1, 5]
+    assert HeldArray.fetches == len(splits) + 1
 
 
 def test_slice_bounds_cover_k_in_near_equal_slices():

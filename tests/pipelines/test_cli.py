@@ -65,6 +65,9 @@ def test_run_prints_progress_and_summary(tmp_path):
     assert manifest["fit"]["devices"] == ["cpu", "cpu"]
     assert manifest["fit"]["reduce"] == "scatter"  # summed on the workers, said once
     assert result.stdout.count("reduce-scattered over the 2 workers") == 1
+    # The workers wrote the centroids they held, a file per slice, beside the state.
+    kept = sorted(p.name for p in (tmp_path / "out" / "_checkpoints").iterdir())
+    assert "ckpt-000003-c00001.npy" in kept and "ckpt-000003.npz" in kept, kept
     label = manifest["label"]  # every labeler reported itself, as many as asked for: the
     # fit's 2 workers, which hold every row (--label-workers sizes a streaming pass)
     assert label["source"] == "workers" and label["actors"] == label["asked"] == 2

@@ -30,6 +30,54 @@ def test_checkpoint_roundtrip_and_pruning(tmp_path):
     assert names == ["ckpt-000003.npz", "ckpt-000004.npz"]  # one object each, two kept
 
 
+def test_held_centroids_are_checkpointed_in_slices_and_pruned_with_them(tmp_path):
+    """Centroids held on the workers (a reduce-scatter) are written a slice per file
+    (runtime.held.SlicedCentroids, here in this process) and read back whole; pruning a
+    checkpoint deletes its slices, also those of a re-save and those a rerun on fewer
+    workers left; a torn slice makes its checkpoint unreadable, not wrong."""
+    from pseudolabel.ops.stats import slice_bounds
+    from pseudolabel.pipelines.runtime import calls
+    from pseudolabel.pipelines.runtime.held import SlicedCentroids
+    from pseudolabel.pipelines.runtime.workers.rows import ResidentRows
+
+    class Holder:  # the worker's side of ``write``, called in this process
+        write_slice = calls.LocalCall(lambda *a: ResidentRows.write_slice(None, *a))
+
+    def held(i: int, workers: int) -> KMeansState:
+        x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2) + i
+        bounds = slice_bounds(7, workers)
+        refs = [calls.put(x[lo:hi]) for lo, hi in bounds]
+        c = SlicedCentroids(refs, bounds, [Holder()] * workers, timeout=10)
+        return KMeansState(c, i, None, [IterationRecord(i, 1.0, 0.1, 0.5, 0, 100)] * i)
+
+    with calls.in_process():  # whether or not another test left Ray up
+        slices_saved_pruned_and_read(tmp_path / CHECKPOINTS, held)
+
+
+def slices_saved_pruned_and_read(root, held) -> None:
+    ckpt = Checkpoints(resolve(str(root)), {"k": 7})
+    ckpt.save(held(1, 4))
+    ckpt.save(held(2, 3))
+    ckpt.save(state(2, k=7))  # the refinement's re-save of the same iteration
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["ckpt-000001-c00000.npy", "ckpt-000001-c00001.npy",
+                     "ckpt-000001-c00002.npy", "ckpt-000001-c00003.npy", "ckpt-000001.npz",
+                     "ckpt-000002-c00000.npy", "ckpt-000002-c00001.npy",
+                     "ckpt-000002-c00002.npy", "ckpt-000002.npz"]  # fmt: skip
+    resumed = Checkpoints(resolve(str(root)), {"k": 7})
+    assert resumed.latest().centroids[0, 0] == 2  # the re-save's array
+    resumed.save(held(3, 2))
+    resumed.save(held(4, 2))
+    assert sorted(p.name for p in root.iterdir()) == [
+        "ckpt-000003-c00000.npy", "ckpt-000003-c00001.npy", "ckpt-000003.npz",
+        "ckpt-000004-c00000.npy", "ckpt-000004-c00001.npy", "ckpt-000004.npz",
+    ]  # fmt: skip
+    latest = resumed.latest()
+    np.testing.assert_array_equal(latest.centroids, np.arange(14).reshape(7, 2) + 4)
+    (root / "ckpt-000004-c00001.npy").write_bytes(b"torn")
+    assert Checkpoints(resolve(str(root)), {"k": 7}).latest().iteration == 3
+
+
 def test_torn_checkpoint_falls_back_to_previous(tmp_path):
     ckpt = Checkpoints(resolve(str(tmp_path)), {"k": 3})
     ckpt.save(state(1))

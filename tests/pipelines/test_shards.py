@@ -170,28 +170,53 @@ def test_more_than_eight_workers_are_summed_in_a_tree(ray_local):
     assert total.inertia == sum(range(1, 20))
 
 
-def test_reduce_scatter_equals_gather(ray_local, small_dataset):
-    """--reduce scatter (slices summed and divided on the workers) and gather (sums on
-    the driver) give the same centroids, bit for bit, with empty clusters to split (two
-    identical starting centroids) and k not a multiple of W."""
+@pytest.mark.parametrize("spherical", [False, True])
+def test_reduce_scatter_equals_gather(ray_local, small_dataset, monkeypatch, spherical):
+    """--reduce scatter (slices summed and divided on the workers, and kept there) and
+    gather (sums on the driver) give the same centroids, bit for bit, with empty clusters
+    to split (two identical starting centroids) and k not a multiple of W. The scatter's
+    driver receives counts and scalars a step, and fetches the centroids only for the
+    split and at the end."""
+    from pseudolabel.pipelines.runtime import held, shards
+
     root, x, _ = small_dataset
     plan, settings = plan_and_settings(root)
-    params = KMeansParams(k=13, iterations=4, tol=0, seed=2, search="approx")
+    params = KMeansParams(k=13, iterations=4, tol=0, seed=2, search="approx", spherical=spherical)
     start = x[:13].copy()
     start[1] = start[0]  # one of the two gets no rows: split in the first iteration
+    received, fetches = [], []
+    plain_gather, plain_fetch = shards.gather, held.SlicedCentroids.fetch
+
+    def counting_gather(refs, timeout, what):
+        got = plain_gather(refs, timeout, what)
+        received.append(max(a.size for p in got for a in (p.sums, p.counts, p.means)
+                            if isinstance(a, np.ndarray)))  # fmt: skip
+        return got
+
+    def counting_fetch(self):
+        fetches.append(len(self))
+        return plain_fetch(self)
+
+    monkeypatch.setattr(shards, "gather", counting_gather)
+    monkeypatch.setattr(held.SlicedCentroids, "fetch", counting_fetch)
     results = {}
     for reduce in ("gather", "scatter"):
+        received.clear()
         data = ResidentShards.from_plan(plan, settings, SPEC, 3, reduce=reduce)
         try:
             state = fit(data, params, KMeansState(start.copy()))
         finally:
             data.shutdown()
-        results[reduce] = state
-    gather, scatter = results["gather"], results["scatter"]
+        results[reduce] = state, list(received)
+    (gather, gathered), (scatter, scattered) = results["gather"], results["scatter"]
     assert gather.history[0].n_split >= 1
     np.testing.assert_array_equal(scatter.centroids, gather.centroids)
     assert [r.inertia for r in scatter.history] == [r.inertia for r in gather.history]
     assert [r.changed for r in scatter.history] == [r.changed for r in gather.history]
+    assert max(gathered) == 13 * 16  # the sums
+    assert len(scattered) == 4 and max(scattered) <= 13  # counts: a slice's, or all k
+    splits = sum(r.n_split > 0 for r in scatter.history)
+    assert fetches == [13] * (splits + 1)
 
 
 def test_auto_reduce_scatters_large_sums_across_nodes_only():
@@ -204,3 +229,75 @@ def test_auto_reduce_scatters_large_sums_across_nodes_only():
     assert reduce_mode("scatter", 1, 1, 8, 2) == "scatter"
     with pytest.raises(ValueError, match="reduce must be one of"):
         reduce_mode("allreduce", 8, 2, 8, 2)
+
+
+@pytest.mark.parametrize("search", ["flat", "approx"])
+def test_reduce_scatter_reads_lost_centroids_back_from_the_checkpoint(
+    ray_local, small_dataset, tmp_path, caplog, search
+):
+    """Centroids held on the workers are checkpointed by them, a file per slice; when
+    the slices are lost (here: refs whose owner died, as a lost node loses them), the
+    next step reads them back from that checkpoint: the fit ends as an undisturbed one,
+    and the checkpoint resumes to the same centroids. With the approximate search the
+    retried step searches exactly (its graph was built beside the lost slices); at
+    k = 13 every centroid is a candidate, so that changes no label."""
+    import ray
+
+    from pseudolabel.pipelines.io.checkpoints import Checkpoints
+    from pseudolabel.pipelines.io.storage import resolve
+
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    params = KMeansParams(k=13, iterations=6, tol=0, seed=2, search=search)
+
+    @ray.remote
+    class Owner:  # owns what it puts: a ref to it is lost once the actor is gone
+        def put(self, value):
+            return [ray.put(value)]
+
+    owner = Owner.remote()
+    lost = [ray.get(owner.put.remote(np.zeros((5, 16), np.float32)))[0] for _ in range(3)]
+    ray.kill(owner)  # its objects die with it: fetching raises OwnerDiedError
+    results = []
+    for lose in (False, True):
+        ckpt = Checkpoints(resolve(str(tmp_path / f"ckpt-{lose}")), {"k": 13})
+        data = ResidentShards.from_plan(plan, settings, SPEC, 3, reduce="scatter")
+
+        def on_iteration(state, record, lose=lose, ckpt=ckpt):
+            ckpt.save(state)
+            if lose and record.iteration == 3:
+                state.centroids.refs = lost
+
+        try:
+            results.append(fit(data, params, KMeansState(x[:13].copy()), on_iteration))
+        finally:
+            data.shutdown()
+    undisturbed, disturbed = results
+    assert "lost its slices" in caplog.text
+    np.testing.assert_array_equal(disturbed.centroids, undisturbed.centroids)
+    names = sorted(p.name for p in (tmp_path / "ckpt-True").iterdir())
+    assert names == [f"ckpt-{i:06d}{s}" for i in (5, 6) for s in
+                     ("-c00000.npy", "-c00001.npy", "-c00002.npy", ".npz")]  # fmt: skip
+    resumed = Checkpoints(resolve(str(tmp_path / "ckpt-True")), {"k": 13}).latest()
+    assert resumed.iteration == 6
+    np.testing.assert_array_equal(resumed.centroids, undisturbed.centroids)
+
+
+def test_sliced_centroids_fetch_any_range_empty_slices_included():
+    """More workers than centroids leave empty slices: a reducer of one still gets its
+    (0, d) rows; any range comes back whole, with the pending row-wise functions."""
+    from pseudolabel.ops.arrays import normalize_rows
+    from pseudolabel.ops.stats import slice_bounds
+    from pseudolabel.pipelines.runtime import calls
+    from pseudolabel.pipelines.runtime.held import SlicedCentroids
+
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    with calls.in_process():
+        bounds = slice_bounds(3, 5)
+        c = SlicedCentroids([calls.put(x[lo:hi]) for lo, hi in bounds], bounds, [], 10)
+        assert [hi - lo for lo, hi in bounds].count(0) == 2
+        for lo, hi in [*bounds, (0, 3), (1, 3), (0, 2)]:
+            np.testing.assert_array_equal(c.fetch_range(lo, hi), x[lo:hi])
+        unit = c.map_rows(normalize_rows)
+        np.testing.assert_array_equal(unit.fetch_range(1, 3), normalize_rows(x)[1:3])
+        np.testing.assert_array_equal(unit.fetch(), normalize_rows(x))

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import threading
+from typing import Any
 
 import faiss
 import numpy as np
@@ -24,6 +25,7 @@ from pseudolabel.ops.bounds import DriftBounds
 from pseudolabel.ops.dataset import batch_stats, labelled_stats
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.kmeans import reduce_slice
+from pseudolabel.ops.neighbours import CentroidGraph
 from pseudolabel.ops.sampling import epoch_batches, row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 from pseudolabel.pipelines.errors import PseudolabelError
@@ -31,6 +33,13 @@ from pseudolabel.pipelines.io.plan import ReadSettings
 from pseudolabel.pipelines.io.skips import report_skips
 from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
+from pseudolabel.pipelines.runtime.held import (
+    SlicedCentroids,
+    derive_with_all_cores,
+    fetch_held,
+    finished,
+    write_rows,
+)
 from pseudolabel.pipelines.runtime.roster import LOCAL_NODE
 from pseudolabel.pipelines.runtime.session import limit_threads
 
@@ -162,11 +171,15 @@ class ResidentRows:
         return self.rows[hit], np.asarray(self.x[hit], np.float32)
 
     def partial_stats(
-        self, centroids: np.ndarray, selection: dict | None = None, near=None
+        self, centroids: np.ndarray | SlicedCentroids, selection: dict | None = None, near=None
     ) -> PartialStats:
         """Statistics of one step over all rows (or ``selection``'s). With ``near`` (an
         ``ops.neighbours.CentroidGraph``) rows are scored near their last labels; on a
-        GPU the search stays exact."""
+        GPU the search stays exact. Centroids and graph may be held on the cluster
+        (``runtime.held``): fetched here, from the workers that hold them."""
+        centroids, near = fetch_held(centroids), fetch_held(near)
+        if near is not None and near.centroids is None:  # it travelled without them
+            near = near.with_centroids(centroids)
         mine = self._selected(selection)
         if mine is not None:
             index = CentroidIndex(centroids, self.spec.metric, self.spec.device)
@@ -191,16 +204,34 @@ class ResidentRows:
         return batch_stats(self.x, positions, centroids, self.spec.metric, self.spec.device)
 
     def split_stats(
-        self, centroids: np.ndarray, bounds: list[tuple[int, int]], near=None
+        self, centroids: np.ndarray | SlicedCentroids, bounds: list[tuple[int, int]], near=None
     ) -> tuple[PartialStats, ...] | PartialStats:
         """``partial_stats`` as one part per slice of the centroids, for a reduce-scatter
         (``runtime.shards.scatter_reduce`` calls it with num_returns = len(bounds))."""
         parts = self.partial_stats(centroids, None, near).split(bounds)
         return tuple(parts) if len(parts) > 1 else parts[0]
 
+    def derive(self, fn, centroids: SlicedCentroids, *args) -> Any:
+        """``fn(centroids, *args)`` for centroids and values held on the cluster
+        (``runtime.held``): the approximate search's graph, built between steps."""
+        value = derive_with_all_cores(fn, fetch_held(centroids), *(fetch_held(a) for a in args))
+        # A graph travels to the workers without the centroids they fetch anyway.
+        return value.without_centroids() if isinstance(value, CentroidGraph) else value
+
+    def write_slice(self, location, fns: tuple, rows: np.ndarray) -> int:
+        """A slice of held centroids, ``fns`` applied, to ``location`` (a checkpoint)."""
+        return write_rows(location, finished(rows, fns))
+
     def reduce_slice(
-        self, centroids: np.ndarray, lo: int, hi: int, *parts: PartialStats
-    ) -> PartialStats:
+        self, centroids: np.ndarray | SlicedCentroids, lo: int, hi: int, *parts: PartialStats
+    ) -> tuple[np.ndarray, PartialStats]:
         """This worker's slice [lo, hi) of a reduce-scatter: every worker's statistics of
-        it (Ray fetched them here), summed and divided (``ops.kmeans.reduce_slice``)."""
-        return reduce_slice(centroids[lo:hi], list(parts))
+        it (Ray fetched them here), summed and divided (``ops.kmeans.reduce_slice``):
+        (the slice's means, which stay here, and its counts and scalars). The step's
+        centroids are needed for the empty clusters' rows only: of held ones, this
+        worker fetches its own slice."""
+        if isinstance(centroids, SlicedCentroids):
+            previous = centroids.fetch_range(lo, hi)
+        else:
+            previous = centroids[lo:hi]
+        return reduce_slice(previous, list(parts))
