@@ -10,10 +10,13 @@ under the same key, whichever columns it reads and however the files were sharde
 
 from __future__ import annotations
 
+import contextvars
 import itertools
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Full, Queue
 from typing import Any
 
 import numpy as np
@@ -115,6 +118,51 @@ def iter_batches(shard: Shard, settings: ReadSettings, with_ids: bool = True) ->
         yield from _unreadable_rest(shard, settings, done, CHANGED)
     except (pa.ArrowException, OSError, ValueError) as e:  # the file itself: footer, header
         yield from _unreadable_rest(shard, settings, done, _problem(shard, e))
+
+
+# Batches decoded ahead of the one being used (``prefetched``).
+PREFETCH_BATCHES = 2
+
+
+def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
+    """``batches``, read by a thread up to ``depth`` batches ahead: pyarrow's decode of
+    the next batch (single-threaded within a row group, the GIL released) runs while the
+    caller copies and checks this one. Same batches, same order, same errors (raised
+    where they were met). The thread runs in the caller's context (its context
+    variables: ``runtime.calls``' in-process backend) and stops when the caller does."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not offer(batch):
+                    return
+            offer(done)
+        except BaseException as e:  # handed over: raised in the caller's thread
+            offer(e)
+
+    context = contextvars.copy_context()
+    reader = threading.Thread(target=context.run, args=(produce,), daemon=True)
+    reader.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _problem(shard: Shard, e: BaseException) -> str:

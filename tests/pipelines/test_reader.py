@@ -234,3 +234,39 @@ def test_all_empty_is_an_error(tmp_path):
     write_parquet_shards(tmp_path, np.ones((0, 4), np.float32), 2)
     with pytest.raises(InputError, match="all 2 files are empty"):
         make_plan(str(tmp_path), SETTINGS)
+
+
+def test_prefetched_batches_keep_order_errors_context_and_stop_with_the_caller():
+    """The reader thread yields the same items in order, raises a reader's error where
+    it was met (after the items before it), sees the caller's context variables, and
+    ends when the caller stops early."""
+    import contextvars
+    import threading
+
+    from pseudolabel.pipelines.io.read import prefetched
+
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+    seen, produced = [], []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise OSError(f"unreadable at {i}")
+            seen.append(var.get())
+            produced.append(i)
+            yield i
+
+    assert list(prefetched(items(10))) == list(range(10))
+    assert set(seen) == {"caller's"}
+    got = []
+    with pytest.raises(OSError, match="unreadable at 4"):
+        for i in prefetched(items(10, fail_at=4)):
+            got.append(i)
+    assert got == [0, 1, 2, 3]
+    produced.clear()
+    before = threading.active_count()
+    stream = prefetched(items(1000), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the caller stops: the reader stops too, a few items ahead at most
+    assert threading.active_count() == before and len(produced) <= 5

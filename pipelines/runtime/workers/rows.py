@@ -30,6 +30,7 @@ from pseudolabel.ops.sampling import epoch_batches, row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.plan import ReadSettings
+from pseudolabel.pipelines.io.read import prefetched
 from pseudolabel.pipelines.io.skips import report_skips
 from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.actors import WorkerSpec
@@ -91,7 +92,7 @@ class ResidentRows:
         columns: list[pa.Table] = []  # ids and pass-through columns (label_columns)
         if self.spec.label_columns and fraction < 1:
             raise ValueError("label_columns needs every row: a sampled worker cannot label")
-        for batch in source.batches(self.settings):
+        for batch in prefetched(source.batches(self.settings)):
             report_skips(ledger, batch)
             calls.progressed(len(batch.x))
             if self.spec.label_columns and len(batch.x):
