@@ -50,6 +50,15 @@ class DriftBounds:
         self.engaged = False
         self.searched = 0  # rows the last step searched
         self.row_norms: np.ndarray | None = None  # ||x_i||^2 (n,), for the margin
+        self.drifted = False  # the last search started from bounds (not afresh)
+
+    def copy(self) -> DriftBounds:
+        """Bounds to search with, leaving these as they are (the norms are shared)."""
+        other = DriftBounds(self.labels.copy())
+        other.lower = self.lower.copy()
+        other.centroids, other.engaged = self.centroids, self.engaged
+        other.row_norms = self.row_norms
+        return other
 
     def norms(self, x: np.ndarray) -> np.ndarray:
         """||x_i||^2 of the rows, computed once: the rows do not change."""
@@ -71,21 +80,16 @@ class DriftBounds:
         )
 
 
-def bounded_partial_stats(x: np.ndarray, index, bounds: DriftBounds) -> PartialStats:
-    """``ops.stats.partial_stats`` for an exact ``index`` (``ops.assign.CentroidIndex``),
-    searching only the rows the bounds cannot settle once they are engaged; ``bounds``
-    are updated in place. ``changed`` counts rows against their labels before this step."""
-    if not bounds.engaged:
-        bounds.centroids = None
-        stats = partial_stats(x, index, labels=bounds.labels)
-        bounds.searched = len(x)
-        bounds.engaged = stats.compared == len(x) and stats.changed < ENGAGE_BELOW * len(x)
-        return stats
+def bounded_search(x: np.ndarray, index, bounds: DriftBounds) -> np.ndarray:
+    """Each row's squared distance to its nearest centroid of the exact ``index``
+    (float64, (n,)), its label in ``bounds.labels``: only the rows the bounds cannot
+    settle are searched (every row when the bounds refer to no centroids of this
+    shape). The bounds are updated in place and refer to ``index.centroids`` after."""
     c = index.centroids
     k = len(c)
     labels = bounds.labels
-    stats = PartialStats.zeros(k, index.d)
-    if bounds.usable(c):
+    bounds.drifted = bounds.usable(c)
+    if bounds.drifted:
         drift = np.sqrt(((c.astype(np.float64) - bounds.centroids) ** 2).sum(axis=1))
         first, second = np.argsort(drift)[::-1][:2] if k > 1 else (0, 0)
         # max_{j != a_i} delta_j: the largest drift, or the second for its own centroid.
@@ -100,7 +104,6 @@ def bounded_partial_stats(x: np.ndarray, index, bounds: DriftBounds) -> PartialS
         row_norms = bounds.norms(x)
     else:  # no bounds yet: every row is searched, which sets them
         half, c_norm = None, 0.0
-    previous = labels.copy()
     own = np.empty(len(x), np.float64)
     bounds.searched = 0
     for sl in iter_chunks(len(x), DEFAULT_CHUNK_ROWS):
@@ -126,8 +129,27 @@ def bounded_partial_stats(x: np.ndarray, index, bounds: DriftBounds) -> PartialS
             own[rows] = sq[:, 0]
             bounds.lower[rows] = np.sqrt(sq[:, 1]) if k > 1 else np.inf
     bounds.centroids = c.astype(np.float64)
+    return own
+
+
+def bounded_partial_stats(x: np.ndarray, index, bounds: DriftBounds) -> PartialStats:
+    """``ops.stats.partial_stats`` for an exact ``index`` (``ops.assign.CentroidIndex``),
+    searching only the rows the bounds cannot settle once they are engaged; ``bounds``
+    are updated in place. ``changed`` counts rows against their labels before this step."""
+    if not bounds.engaged:
+        bounds.centroids = None
+        stats = partial_stats(x, index, labels=bounds.labels)
+        bounds.searched = len(x)
+        bounds.engaged = stats.compared == len(x) and stats.changed < ENGAGE_BELOW * len(x)
+        return stats
+    c = index.centroids
+    k = len(c)
+    labels = bounds.labels
+    stats = PartialStats.zeros(k, index.d)
+    previous = labels.copy()
+    own = bounded_search(x, index, bounds)
     # Kept while they settle enough rows (a first, full search has just set them).
-    bounds.engaged = half is None or bounds.searched <= DROP_ABOVE * len(x)
+    bounds.engaged = bounds.searched <= DROP_ABOVE * len(x) or not bounds.drifted
     stats.counts += np.bincount(labels, minlength=k)
     stats.inertia = float(own.sum())
     accumulate_sums(x, labels.astype(np.int64), stats.sums)

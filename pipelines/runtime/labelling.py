@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from pseudolabel.ops.arrays import normalize_rows
-from pseudolabel.ops.balanced import BalancedAssigner
+from pseudolabel.ops.assign import CentroidIndex
+from pseudolabel.ops.balanced import Assignment, BalancedAssigner
 from pseudolabel.ops.gpu import usable_device
 from pseudolabel.ops.kmeans import resolve_search
 from pseudolabel.pipelines.config import RunConfig
@@ -107,13 +108,29 @@ class RowLabeler:
             spec.seed,
         )
 
-    def label(self, x: np.ndarray, table: pa.Table) -> pa.Table:
+    @property
+    def exact_index(self) -> CentroidIndex | None:
+        """The exact CPU index of plain labels (no duals, no top-M, flat search), which
+        a fit's workers may search with their bounds (``ops.bounds.bounded_search``)
+        and pass the result to ``label`` as ``nearest``; else None."""
+        index = self.assigner.index
+        plain = self.spec.duals is None and not self.spec.topk
+        cpu = isinstance(index, CentroidIndex) and index.device == "cpu"
+        return index if plain and cpu else None
+
+    def label(
+        self, x: np.ndarray, table: pa.Table, nearest: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> pa.Table:
         """``table`` (the rows' other columns, in the rows' order) with the label
-        columns appended. x (n, d): the rows' embeddings."""
+        columns appended. x (n, d): the rows' embeddings. ``nearest``: their labels and
+        squared distances, already found with ``exact_index`` (then x is not searched)."""
         spec = self.spec
-        if spec.metric == "ip":
-            x = normalize_rows(x)
-        out = self.assigner.assign(x, spec.topk)
+        if nearest is not None:
+            out = Assignment(nearest[0], nearest[1], nearest[0], nearest[1])
+        else:
+            if spec.metric == "ip":
+                x = normalize_rows(x)
+            out = self.assigner.assign(x, spec.topk)
         columns = {
             "label": pa.array(out.label.astype(np.int32)),
             "distance": pa.array(out.distance.astype(np.float32)),

@@ -64,3 +64,34 @@ def test_an_approximate_step_voids_the_bounds():
     assert not data.bounds.usable(c) and not data.bounds.engaged
     data.partial_stats(c)
     assert data.bounds.searched == len(x)  # searched afresh
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_fits_bounds_label_its_final_centroids_as_a_search_does(metric):
+    """After a fit, ``bounded_search`` against the final centroids (a label pass on the
+    fit's rows) finds every row's nearest centroid, searching few rows, and reports its
+    squared distance; the fit's bounds are left as they were (searched on a copy)."""
+    from pseudolabel.ops.assign import CentroidIndex
+    from pseudolabel.ops.bounds import bounded_search
+
+    x, _ = mixture(20_000, 16, 40, seed=6, spread=0.4)
+    if metric == "ip":
+        x = normalize_rows(x)
+    data = ArrayData(x, metric)
+    params = KMeansParams(64, iterations=15, tol=0, seed=2, spherical=metric == "ip")
+    start = x[np.random.default_rng(1).choice(len(x), 64, replace=False)].copy()
+    final = fit(data, params, KMeansState(start)).centroids
+    assert data.bounds.usable(final)  # the last step kept them
+    kept = data.bounds.labels.copy(), data.bounds.lower.copy()
+    searched = data.bounds.copy()
+    distances = bounded_search(x, CentroidIndex(final, metric), searched)
+    assert searched.searched < 0.5 * len(x)
+    np.testing.assert_array_equal(data.bounds.labels, kept[0])
+    np.testing.assert_array_equal(data.bounds.lower, kept[1])
+    index = faiss.IndexFlatIP(16) if metric == "ip" else faiss.IndexFlatL2(16)
+    index.add(final)
+    D, I = index.search(x, 2)
+    wrong = np.flatnonzero(I[:, 0] != searched.labels)
+    assert np.all(np.abs(D[wrong, 0] - D[wrong, 1]) < 1e-4 * np.abs(D[wrong, 0]) + 1e-6)
+    own = ((x - final[searched.labels]) ** 2).sum(axis=1, dtype=np.float64)
+    np.testing.assert_allclose(distances, own, rtol=1e-4, atol=1e-5)

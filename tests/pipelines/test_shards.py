@@ -60,6 +60,47 @@ def test_worker_labels_refuse_rows_that_moved(small_dataset, tmp_path):
         bare.write_labels(centroids, LabelSpec("l2"), {}, target, (0, 100, 6000), 64)
 
 
+def test_worker_labels_its_rows_from_the_fits_bounds(small_dataset, tmp_path, caplog):
+    """After steps that settled, a worker labels its rows from the fit's bounds against
+    the final centroids: most rows are not searched, every label is the nearest (as a
+    fresh worker's full search finds), distances agree to rounding."""
+    import dataclasses
+
+    from pseudolabel.ops.kmeans import lloyd_update, rng_for
+    from pseudolabel.pipelines.io.storage import resolve
+    from pseudolabel.pipelines.runtime.labelling import LabelSpec
+
+    root, x, _ = small_dataset
+    plan, settings = plan_and_settings(root)
+    source = FileRows(tuple(plan.split(1)[0]))
+    spec = dataclasses.replace(SPEC, label_columns=True)
+    worker = ShardWorker(source, settings, spec)
+    centroids = x[:: len(x) // 12][:12].copy()
+    for step in range(12):
+        stats = worker.partial_stats(centroids)
+        centroids, _ = lloyd_update(centroids, stats, rng_for(0, 1, step), False)
+    assert worker.bounds.usable(centroids)
+    tables = []
+    for who in (worker, ShardWorker(source, settings, spec)):  # the second has no bounds
+        target = resolve(str(tmp_path / f"{len(tables)}.parquet"))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pseudolabel"):
+            assert who.write_labels(centroids, LabelSpec("l2"), {}, target, (0, 6000, 6000),
+                                    1000) == 6000  # fmt: skip
+        tables.append(pq.read_table(tmp_path / f"{len(tables)}.parquet"))
+        if who is worker:
+            searched = int(caplog.text.split("labels: ")[1].split(" of ")[0])
+            assert searched < 3000, caplog.text
+        else:
+            assert "rows searched" not in caplog.text
+    bounded, searched = tables
+    assert bounded.column("label").equals(searched.column("label"))
+    np.testing.assert_allclose(
+        bounded.column("distance").to_numpy(), searched.column("distance").to_numpy(),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
 def test_four_workers_equal_one_worker(ray_local, small_dataset):
     root, x, _ = small_dataset
     plan, settings = plan_and_settings(root)

@@ -16,15 +16,20 @@ whose call is retried writes the same file again: never half a file, never a row
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pseudolabel.ops.bounds import bounded_search
 from pseudolabel.pipelines.errors import PseudolabelError
 from pseudolabel.pipelines.io.storage import Location
 from pseudolabel.pipelines.runtime import calls
 from pseudolabel.pipelines.runtime.labelling import ArraySource, LabelSpec, RowLabeler
 from pseudolabel.pipelines.runtime.roster import join_roster
+
+log = logging.getLogger("pseudolabel")
 
 # Rows per written file: ~16 MiB of id, label and distance (as a read task's blocks are
 # for the streaming pass: files big enough for an object store, small enough to retry).
@@ -35,6 +40,8 @@ class LabelRole:
     """Needs ``self.x``, ``self.columns`` and ``self.spec`` (the resident-rows role)."""
 
     _labeler: tuple[tuple | None, RowLabeler] | None = None
+    # (the labeller, every held row's nearest label and squared distance, or None)
+    _nearest: tuple[RowLabeler, tuple[np.ndarray, np.ndarray] | None] | None = None
 
     def write_labels(
         self,
@@ -61,12 +68,14 @@ class LabelRole:
                 "this worker holds no ids: it was started without WorkerSpec.label_columns"
             )
         labeler = self._labeler_for(centroids, spec, storage_options, roster)
+        nearest = self._nearest_for(labeler)
         # Spherical rows were unit-normalised at load; the labeller normalises them again,
         # as it does the streaming pass's raw rows (a no-op up to rounding).
         sink, writer = pa.BufferOutputStream(), None
         for lo in range(start, stop, batch_rows):
             hi = min(lo + batch_rows, stop)
-            table = labeler.label(self.x[lo:hi], self.columns.slice(lo, hi - lo))
+            known = None if nearest is None else (nearest[0][lo:hi], nearest[1][lo:hi])
+            table = labeler.label(self.x[lo:hi], self.columns.slice(lo, hi - lo), known)
             writer = writer or pq.ParquetWriter(sink, table.schema)
             writer.write_table(table)
             calls.progressed(hi - lo)
@@ -74,6 +83,25 @@ class LabelRole:
             writer.close()
             target.write_bytes(sink.getvalue().to_pybytes())
         return stop - start
+
+    def _nearest_for(self, labeler: RowLabeler) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every held row's nearest label and squared distance under the labeller's
+        centroids, found from the fit's last bounds (``ops.bounds.bounded_search``: the
+        rows they settle are not searched; exact as a search is), once per labeller;
+        None where the labels are not plain or the worker has no bounds to start from
+        (a rebuilt worker, an approximate or GPU fit)."""
+        if self._nearest is not None and self._nearest[0] is labeler:
+            return self._nearest[1]
+        index, bounds = labeler.exact_index, getattr(self, "bounds", None)
+        found = None
+        if index is not None and bounds is not None and bounds.usable(index.centroids):
+            searched = bounds.copy()  # the fit's own bounds stay as they are
+            distances = bounded_search(self.x, index, searched)
+            found = (searched.labels, distances)
+            log.info("labels: %d of %d rows searched, the others settled by the fit's "
+                     "bounds", searched.searched, len(self.x))  # fmt: skip
+        self._nearest = (labeler, found)
+        return found
 
     def _labeler_for(self, centroids, spec, storage_options, roster) -> RowLabeler:
         """One labeller for all of a run's files (the centroids load once), reported to
