@@ -120,16 +120,21 @@ def iter_batches(shard: Shard, settings: ReadSettings, with_ids: bool = True) ->
         yield from _unreadable_rest(shard, settings, done, _problem(shard, e))
 
 
-# Batches decoded ahead of the one being used (``prefetched``).
-PREFETCH_BATCHES = 2
+# Batches queued ahead of the one being used (``prefetched``), and its thread's name.
+PREFETCH_BATCHES = 1
+READER_NAME = "pseudolabel-read-ahead"
 
 
 def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
-    """``batches``, read by a thread up to ``depth`` batches ahead: pyarrow's decode of
-    the next batch (single-threaded within a row group, the GIL released) runs while the
-    caller copies and checks this one. Same batches, same order, same errors (raised
-    where they were met). The thread runs in the caller's context (its context
-    variables: ``runtime.calls``' in-process backend) and stops when the caller does."""
+    """``batches``, read by a thread ahead of the caller: pyarrow's decode of the next
+    batch (single-threaded within a row group, the GIL released) runs while the caller
+    copies and checks this one. Same batches, same order, same errors (raised where they
+    were met). At most depth + 2 batches are alive: ``depth`` queued, one the thread
+    offers, one the caller holds. The thread runs in the caller's context (its context
+    variables) and stops when the caller does, once its read under way returns: an
+    error in the caller's loop surfaces after that read."""
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")  # 0 would not bound it
     queue: Queue = Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -153,7 +158,7 @@ def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Itera
             offer(e)
 
     context = contextvars.copy_context()
-    reader = threading.Thread(target=context.run, args=(produce,), daemon=True)
+    reader = threading.Thread(target=context.run, args=(produce,), name=READER_NAME, daemon=True)
     reader.start()
     try:
         while (item := queue.get()) is not done:
