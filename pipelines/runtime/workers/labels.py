@@ -89,14 +89,16 @@ class LabelRole:
         centroids, found from the fit's last bounds (``ops.bounds.bounded_search``: the
         rows they settle are not searched; exact as a search is), once per labeller;
         None where the labels are not plain or the worker has no bounds to start from
-        (a rebuilt worker, an approximate or GPU fit)."""
+        (a rebuilt worker, an approximate or GPU fit), or its rows are spherical float16."""
         if self._nearest is not None and self._nearest[0] is labeler:
             return self._nearest[1]
         index, bounds = labeler.exact_index, getattr(self, "bounds", None)
+        # Spherical float16 rows are not unit vectors to the rounding the bounds assume.
+        rows_fit = self.spec.metric == "l2" or self.x.dtype == np.float32
         found = None
-        if index is not None and bounds is not None and bounds.usable(index.centroids):
+        if index is not None and bounds is not None and rows_fit and bounds.usable(index.centroids):
             searched = bounds.copy()  # the fit's own bounds stay as they are
-            distances = bounded_search(self.x, index, searched)
+            distances = bounded_search(self.x, index, searched).astype(np.float32)
             found = (searched.labels, distances)
             log.info("labels: %d of %d rows searched, the others settled by the fit's "
                      "bounds", searched.searched, len(self.x))  # fmt: skip
