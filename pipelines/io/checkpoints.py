@@ -28,9 +28,8 @@ class Checkpoints:
 
     Centroids held on the workers (a reduce-scatter, ``runtime.held.SlicedCentroids``:
     ``slices`` and ``write(locations)``) are written there, one ``ckpt-NNNNNN-cJJJJJ.npy``
-    per slice, before the ``.npz``,
-    whose state names how many: they never pass through the driver, and the ``.npz``
-    still marks a complete checkpoint.
+    per slice, before the ``.npz``, whose state names how many: they never pass through
+    the driver, and the ``.npz`` still marks a complete checkpoint.
     """
 
     KEEP = 2
@@ -56,7 +55,7 @@ class Checkpoints:
             "history": state.history_dicts(),
             "extra": state.extra,
         }
-        arrays = {"state": None}
+        arrays: dict[str, np.ndarray] = {}
         if isinstance(state.centroids, np.ndarray):
             arrays["centroids"] = state.centroids
         else:  # held on the workers: each slice written where it is

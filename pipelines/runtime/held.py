@@ -34,7 +34,7 @@ log = logging.getLogger("pseudolabel")
 
 
 class HeldValue:
-    """A value left where a task computed it (``SlicedCentroids.derive``)."""
+    """A value left where a worker computed it (``SlicedCentroids.derive``)."""
 
     def __init__(self, ref: Any):
         self.ref = ref
@@ -134,6 +134,7 @@ class SlicedCentroids:
 
 
 def finished(rows: np.ndarray, fns: tuple) -> np.ndarray:
+    """``rows`` with the row-wise functions a ``SlicedCentroids`` still owes applied."""
     for fn in fns:
         rows = fn(rows)
     return rows
