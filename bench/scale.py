@@ -189,7 +189,7 @@ def driver(args: argparse.Namespace) -> dict:
     return results
 
 
-def _array_bytes(value, seen=None) -> int:
+def _array_bytes(value) -> int:
     """Bytes of the numpy arrays in ``value`` (statistics, graphs, lists of them)."""
     if isinstance(value, np.ndarray):
         return value.nbytes

@@ -156,14 +156,6 @@ def derive_with_all_cores(fn: Callable[..., Any], *args: Any) -> Any:
         faiss.omp_set_num_threads(before)
 
 
-def write_rows(location: Any, rows: np.ndarray) -> int:
-    """``rows`` as one ``.npy`` object at ``location`` (a checkpoint's slice)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(rows, np.float32), allow_pickle=False)
-    location.write_bytes(buf.getvalue())
-    return len(rows)
-
-
 @ray.remote
 def _read_rows(location: Any) -> np.ndarray:
     return np.load(io.BytesIO(location.read_bytes()), allow_pickle=False)

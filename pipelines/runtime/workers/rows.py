@@ -29,6 +29,7 @@ from pseudolabel.ops.neighbours import CentroidGraph
 from pseudolabel.ops.sampling import epoch_batches, row_keys, smallest
 from pseudolabel.ops.stats import PartialStats, partial_stats, sums_want_torch
 from pseudolabel.pipelines.errors import PseudolabelError
+from pseudolabel.pipelines.io.layout import npy_bytes
 from pseudolabel.pipelines.io.plan import ReadSettings
 from pseudolabel.pipelines.io.read import prefetched
 from pseudolabel.pipelines.io.skips import report_skips
@@ -39,7 +40,6 @@ from pseudolabel.pipelines.runtime.held import (
     derive_with_all_cores,
     fetch_held,
     finished,
-    write_rows,
 )
 from pseudolabel.pipelines.runtime.roster import LOCAL_NODE
 from pseudolabel.pipelines.runtime.session import limit_threads
@@ -221,7 +221,8 @@ class ResidentRows:
 
     def write_slice(self, location, fns: tuple, rows: np.ndarray) -> int:
         """A slice of held centroids, ``fns`` applied, to ``location`` (a checkpoint)."""
-        return write_rows(location, finished(rows, fns))
+        location.write_bytes(npy_bytes(np.ascontiguousarray(finished(rows, fns), np.float32)))
+        return len(rows)
 
     def reduce_slice(
         self, centroids: np.ndarray | SlicedCentroids, lo: int, hi: int, *parts: PartialStats
